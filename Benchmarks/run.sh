@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Benchmarks/run.sh BIN_DIR — `make bench`.
+#
+# 1. builds and runs the raw userfaultfd floor (Benchmarks/uffd-floor), twice:
+#    as the scheduler places it, and with client and handler pinned to one CPU;
+# 2. starts BIN_DIR/farpaged agent on a private socket with a memory store;
+# 3. runs BIN_DIR/farpage-bench against it;
+# 4. stops the agent and prints a summary against the targets
+#    (store-fault latency <= 1.5x the floor, agent bookkeeping <= 16 bytes/page).
+#
+# All JSON lines go to bench-results/latest.jsonl (relative to the current directory,
+# the repository root under make). Needs userfaultfd access (root or /dev/userfaultfd).
+# Exits non-zero when a step fails or a page read back wrong; missed targets are
+# reported, not fatal.
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 BIN_DIR   (e.g. .build/release)" >&2
+    exit 2
+fi
+bin=$1
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+for exe in farpaged farpage-bench; do
+    if [[ ! -x $bin/$exe ]]; then
+        echo "run.sh: $bin/$exe is missing; build it first (swift build -c release)" >&2
+        exit 2
+    fi
+done
+
+results_dir=bench-results
+results=$results_dir/latest.jsonl
+mkdir -p "$results_dir"
+: >"$results"
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/farpage-bench.XXXXXX")
+agent_pid=
+
+stop_agent() {
+    [[ -n $agent_pid ]] || return 0
+    kill -TERM "$agent_pid" 2>/dev/null || true
+    # A clean shutdown takes well under a second; don't hang the benchmark on a bad one.
+    for _ in $(seq 100); do
+        kill -0 "$agent_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$agent_pid" 2>/dev/null; then
+        echo "run.sh: agent $agent_pid ignored SIGTERM for 10 s; killing it" >&2
+        kill -KILL "$agent_pid" 2>/dev/null || true
+    fi
+    wait "$agent_pid" 2>/dev/null || true
+    agent_pid=
+}
+
+cleanup() {
+    stop_agent
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+printf '{"name":"run","kernel":"%s","cpus":%s,"started":"%s"}\n' \
+    "$(uname -r)" "$(nproc)" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$results"
+
+# --- 1. the floor -------------------------------------------------------------
+${CC:-gcc} -O2 -Wall -Wextra -D_GNU_SOURCE -o "$bin/uffd_floor" "$here/uffd-floor/uffd_floor.c"
+echo "== uffd floor"
+"$bin/uffd_floor" | tee -a "$results"
+"$bin/uffd_floor" --cpu 0 | tee -a "$results"
+
+# --- 2. the agent -------------------------------------------------------------
+sock=$tmp/agent.sock
+cat >"$tmp/agent.toml" <<EOF
+[agent]
+socket = "$sock"
+resident_budget = "2GiB"
+region_budget = "64MiB"
+max_region_size = "1TiB"
+high_watermark = 0.9
+low_watermark = 0.7
+[store]
+kind = "memory"
+capacity = "4GiB"
+[log]
+level = "warning"
+EOF
+
+echo "== starting $bin/farpaged agent"
+"$bin/farpaged" agent --config "$tmp/agent.toml" >"$tmp/agent.log" 2>&1 &
+agent_pid=$!
+for _ in $(seq 100); do
+    [[ -S $sock ]] && break
+    if ! kill -0 "$agent_pid" 2>/dev/null; then
+        echo "run.sh: the agent exited during startup; its log:" >&2
+        cat "$tmp/agent.log" >&2
+        agent_pid=
+        exit 1
+    fi
+    sleep 0.1
+done
+if [[ ! -S $sock ]]; then
+    echo "run.sh: the agent did not create $sock within 10 s; its log:" >&2
+    cat "$tmp/agent.log" >&2
+    exit 1
+fi
+
+# --- 3. the benchmark ---------------------------------------------------------
+echo "== farpage-bench (agent pid $agent_pid)"
+bench_rc=0
+"$bin/farpage-bench" --socket "$sock" --agent-pid "$agent_pid" --json-only | tee -a "$results" || bench_rc=$?
+
+stop_agent
+if [[ -s $tmp/agent.log ]]; then
+    echo "== agent log (warnings and errors)"
+    tail -n 20 "$tmp/agent.log"
+fi
+
+# --- 4. summary ---------------------------------------------------------------
+# field NAME KEY: the number KEY of the JSON line whose name is NAME, or empty.
+field() {
+    { grep -F "\"name\":\"$1\"" "$results" || true; } | tail -n 1 |
+        sed -n "s/.*\"$2\":\(-\{0,1\}[0-9][0-9.eE+-]*\).*/\1/p"
+}
+# calc EXPR: awk arithmetic on numbers that may be empty (then prints n/a).
+calc() { awk "BEGIN { ${1} }" 2>/dev/null || echo "n/a"; }
+ratio() { [[ -n $1 && -n $2 ]] && calc "if ($2 > 0) printf \"%.2f\", $1 / $2; else print \"n/a\"" || echo "n/a"; }
+# verdict VALUE LIMIT: "met" when VALUE <= LIMIT.
+verdict() {
+    [[ -n $1 && $1 != n/a ]] || { echo "n/a"; return; }
+    calc "print (($1 <= $2) ? \"met\" : \"NOT met\")"
+}
+show() { [[ -n $1 ]] && echo "$1" || echo "n/a"; }
+
+floor_p50=$(field uffd_floor p50_us)
+floor_p99=$(field uffd_floor p99_us)
+pin_p50=$(field uffd_floor_pinned p50_us)
+pin_p99=$(field uffd_floor_pinned p99_us)
+fp_p50=$(field store_fault p50_us)
+fp_p99=$(field store_fault p99_us)
+ev_p50=$(field store_fault_evicting p50_us)
+ev_p99=$(field store_fault_evicting p99_us)
+r50=$(ratio "$fp_p50" "$floor_p50")
+r99=$(ratio "$fp_p99" "$floor_p99")
+pr50=$(ratio "$fp_p50" "$pin_p50")
+pr99=$(ratio "$fp_p99" "$pin_p99")
+sweep=$(field sweep gbps)
+bpp_sparse=$(field bookkeeping bytes_per_page_sparse)
+bpp_touched=$(field bookkeeping bytes_per_page_touched)
+
+echo
+echo "== summary (results in $results)"
+printf '  %-44s %12s %12s\n' "" "p50 us" "p99 us"
+printf '  %-44s %12s %12s\n' "uffd floor (scheduler's placement)" "$(show "$floor_p50")" "$(show "$floor_p99")"
+printf '  %-44s %12s %12s\n' "uffd floor (pinned to one CPU)" "$(show "$pin_p50")" "$(show "$pin_p99")"
+printf '  %-44s %12s %12s\n' "farpage store fault" "$(show "$fp_p50")" "$(show "$fp_p99")"
+printf '  %-44s %12s %12s\n' "farpage store fault, eviction running" "$(show "$ev_p50")" "$(show "$ev_p99")"
+printf '  %-44s %12s %12s\n' "ratio farpage / floor (target <= 1.5)" "$r50" "$r99"
+printf '  %-44s %12s %12s\n' "  target" "$(verdict "$r50" 1.5)" "$(verdict "$r99" 1.5)"
+printf '  %-44s %12s %12s\n' "ratio farpage / pinned floor (target <= 1.5)" "$pr50" "$pr99"
+printf '  %-44s %12s %12s\n' "  target" "$(verdict "$pr50" 1.5)" "$(verdict "$pr99" 1.5)"
+echo
+printf '  %-44s %12s\n' "sweep read GB/s" "$(show "$sweep")"
+printf '  %-44s %12s   %s\n' "agent bytes/page, sparse (target <= 16)" "$(show "$bpp_sparse")" "$(verdict "$bpp_sparse" 16)"
+printf '  %-44s %12s   %s\n' "agent bytes/page, touched (target <= 16)" "$(show "$bpp_touched")" "$(verdict "$bpp_touched" 16)"
+
+if [[ $bench_rc -ne 0 ]]; then
+    echo "run.sh: farpage-bench failed (exit $bench_rc); see the messages above" >&2
+    exit "$bench_rc"
+fi

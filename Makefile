@@ -1,0 +1,66 @@
+# Farpage build, test, demo and benchmark entry points.
+# `make demo` and `make test` work as root on a fresh Debian 12 machine with the
+# Swift 6 toolchain on PATH: they install the Debian packages they need first.
+
+SWIFT ?= swift
+CC ?= cc
+PREFIX ?= /usr/local
+RELEASE := .build/release
+DEBUG := .build/debug
+DEB_PACKAGES := liburing-dev libibverbs-dev librdmacm-dev pkg-config util-linux
+CFLAGS_LIB := -O2 -g -Wall -Wextra -Werror -fPIC -fvisibility=hidden -D_GNU_SOURCE \
+	-ISources/CFarpageClient/include -ISources/CFarpageKernel/include
+LIB_SOURCES := Sources/CFarpageClient/farpage.c Sources/CFarpageKernel/fp_kernel.c
+
+# Swift lives outside Debian's packages; /opt/swift is where our machines keep it.
+export PATH := $(PATH):/opt/swift/usr/bin
+
+.PHONY: all deps build lib demo test bench install clean
+
+all: build lib
+
+# Install missing Debian packages: one `apt-get update`, then `apt-get install`.
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make: missing Debian packages:$$missing — run as root or apt-get install them" >&2; exit 1; fi; \
+	  echo "installing:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@command -v $(SWIFT) >/dev/null || { echo "make: the Swift 6 toolchain is required on PATH (https://swift.org/install)" >&2; exit 1; }
+
+build: deps
+	$(SWIFT) build -c release
+
+lib: $(RELEASE)/libfarpage.so
+
+$(RELEASE)/libfarpage.so: $(LIB_SOURCES) Sources/CFarpageClient/include/farpage.h Sources/CFarpageClient/farpage_wire.h Sources/CFarpageKernel/include/fp_kernel.h
+	@mkdir -p $(RELEASE)
+	$(CC) $(CFLAGS_LIB) -shared -Wl,-soname,libfarpage.so.1 -o $@ $(LIB_SOURCES) -lpthread
+
+demo: build lib
+	scripts/demo.sh $(RELEASE)
+
+test: deps
+	$(SWIFT) build --build-tests
+	$(MAKE) lib
+	FARPAGE_BIN_DIR=$(CURDIR)/$(DEBUG) FARPAGE_LIB=$(CURDIR)/$(RELEASE)/libfarpage.so \
+	  $(SWIFT) test --skip-build --parallel --num-workers 1
+
+bench: build lib
+	Benchmarks/run.sh $(RELEASE)
+
+install: build lib
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)/etc/systemd/system $(DESTDIR)/etc/farpage
+	install -m 0755 $(RELEASE)/farpaged $(RELEASE)/farpagectl $(DESTDIR)$(PREFIX)/bin/
+	install -m 0755 $(RELEASE)/libfarpage.so $(DESTDIR)$(PREFIX)/lib/libfarpage.so.1
+	ln -sf libfarpage.so.1 $(DESTDIR)$(PREFIX)/lib/libfarpage.so
+	install -m 0644 Sources/CFarpageClient/include/farpage.h $(DESTDIR)$(PREFIX)/include/
+	install -m 0644 systemd/farpaged-agent.service $(DESTDIR)/etc/systemd/system/
+	[ -e $(DESTDIR)/etc/farpage/agent.toml ] || install -m 0644 config/agent.toml $(DESTDIR)/etc/farpage/agent.toml
+
+clean:
+	rm -rf .build bench-results

@@ -1,0 +1,84 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Farpage: far-memory paging for Linux. See docs/architecture.md for the module map.
+let strict: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
+let cGNU: [CSetting] = [.define("_GNU_SOURCE")]
+
+let package = Package(
+    name: "Farpage",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "farpaged", targets: ["farpaged"]),
+        .executable(name: "farpagectl", targets: ["farpagectl"]),
+        .executable(name: "fp-workload", targets: ["fp-workload"]),
+        .executable(name: "farpage-bench", targets: ["farpage-bench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.6.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
+    ],
+    targets: [
+        // Layer 1: the only code that sees kernel structs and ioctl numbers. Returns >= 0 or -errno.
+        .target(name: "CFarpageKernel", cSettings: cGNU),
+        // Layer 2: typed Swift wrappers (Errno, Userfaultfd, Memfd, sockets, epoll).
+        .target(name: "FarpageKernel", dependencies: ["CFarpageKernel"], swiftSettings: strict),
+        // Wire format of the agent's control socket (shared by agent, CLI, tests).
+        .target(name: "FarpageProtocol", swiftSettings: strict),
+        // Far tiers behind the PageStore interface.
+        .target(name: "FarpageTiers", dependencies: ["FarpageKernel"], swiftSettings: strict),
+        // The paging engine: page table, page state machine, fault service, eviction.
+        .target(
+            name: "FarpagePaging",
+            dependencies: ["FarpageKernel", "FarpageTiers", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        // The agent daemon: config, control socket, client registry, lifecycle.
+        .target(
+            name: "FarpageAgent",
+            dependencies: [
+                "FarpageKernel", "FarpagePaging", "FarpageTiers", "FarpageProtocol",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "TOMLKit", package: "TOMLKit"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strict),
+        // The client library in plain C (also built as libfarpage.so by the Makefile).
+        .target(name: "CFarpageClient", dependencies: ["CFarpageKernel"], cSettings: cGNU),
+        .executableTarget(
+            name: "farpaged",
+            dependencies: [
+                "FarpageAgent", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "farpagectl",
+            dependencies: [
+                "FarpageKernel", "FarpageProtocol",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "fp-workload",
+            dependencies: ["CFarpageClient", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "farpage-bench",
+            dependencies: [
+                "CFarpageClient", "FarpageKernel",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ],
+            path: "Benchmarks/farpage-bench",
+            swiftSettings: strict),
+        .testTarget(name: "FarpageKernelTests", dependencies: ["FarpageKernel", "CFarpageKernel"]),
+        .testTarget(name: "FarpageProtocolTests", dependencies: ["FarpageProtocol"]),
+        .testTarget(name: "FarpagePagingTests", dependencies: ["FarpagePaging", "FarpageTiers"]),
+        .testTarget(
+            name: "FarpageAgentTests",
+            dependencies: ["FarpageAgent", "FarpageProtocol", "FarpageKernel", "CFarpageClient"]),
+    ]
+)

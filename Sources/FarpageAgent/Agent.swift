@@ -1,0 +1,206 @@
+import FarpageKernel
+import FarpagePaging
+import FarpageProtocol
+import FarpageTiers
+import Foundation
+import Logging
+import Synchronization
+
+/// The agent could not start; the message says what to change.
+public struct AgentStartError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// The paging agent: owns the far tier, the regions, the fault and eviction threads and the control socket.
+public final class Agent: @unchecked Sendable {
+    public static let version = "0.1.0"
+    public let config: AgentConfig
+    public let probe: UffdProbe
+    let logger: Logger
+    let store: MemoryPageStore
+    let budget: ResidentBudget
+    let policy: PagingPolicy
+    let evictor: Evictor
+    let faults: FaultService
+    let zeroPage: UnsafeMutableRawPointer
+    let registry = RegionRegistry()
+    let nextRegionID = Atomic<UInt64>(1)
+    let shuttingDown = Atomic<Bool>(false)
+    let startedAt = monotonicNanoseconds()
+    private var control: ControlServer?
+
+    /// Probes the kernel and builds the agent; nothing runs until `start()`.
+    public init(config: AgentConfig, logger: Logger) throws(AgentStartError) {
+        self.config = config
+        self.logger = logger
+        let probe: UffdProbe
+        do { probe = try UffdProbe.run() } catch { throw AgentStartError(error.description) }
+        guard probe.missingRequired.isEmpty else {
+            throw AgentStartError(
+                "this kernel's userfaultfd lacks \(probe.missingRequired.names.joined(separator: ", ")) "
+                    + "(missing faults and write protection on shmem); Linux 5.19 or newer is required")
+        }
+        if probe.access == .userModeOnly {
+            logger.warning(
+                "userfaultfd is available to this agent only with UFFD_USER_MODE_ONLY; clients that are not privileged will do the same, so kernel accesses (read(2) into an evicted page) fail with EFAULT. Grant /dev/userfaultfd to fix (docs/operations.md)")
+        }
+        self.probe = probe
+        let page = UInt64(systemPageSize)
+        store = MemoryPageStore(capacityBytes: config.storeCapacity)
+        budget = ResidentBudget(budgetPages: Int(config.residentBudget / page), highWatermark: config.highWatermark,
+                                lowWatermark: config.lowWatermark)
+        var p = PagingPolicy()
+        p.highWatermark = config.highWatermark
+        p.lowWatermark = config.lowWatermark
+        p.evictBatch = config.evictBatch
+        policy = p
+        do {
+            zeroPage = try AnonymousMemory.map(bytes: page)
+        } catch { throw AgentStartError("cannot reserve memory: \(error)") }
+        let registry = self.registry
+        evictor = Evictor(budget: budget, batch: config.evictBatch, logger: logger) { registry.all() }
+        do {
+            faults = try FaultService(threads: config.effectiveFaultThreads, evictor: evictor,
+                                      stagingPages: max(p.sequentialWindow, 1), evictBatch: config.evictBatch,
+                                      logger: logger)
+        } catch { throw AgentStartError("cannot create fault threads: \(error)") }
+    }
+
+    /// Starts the threads and the control socket, then tells systemd it is ready.
+    public func start() throws(AgentStartError) {
+        let directory = (config.socket as NSString).deletingLastPathComponent
+        do {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        } catch {
+            throw AgentStartError("cannot create the socket directory \(directory): \(error.localizedDescription); set agent.socket to a writable place")
+        }
+        let socket: SeqPacketSocket
+        do { socket = try SeqPacketSocket.listen(path: config.socket, mode: config.socketMode) } catch {
+            throw AgentStartError("cannot listen on \(config.socket): \(error); is another agent running, or is the directory read-only?")
+        }
+        do {
+            try evictor.start()
+            try faults.start()
+            let server = try ControlServer(agent: self, socket: socket, logger: logger)
+            server.start()
+            control = server
+        } catch { throw AgentStartError("cannot start: \(error)") }
+        logger.info(
+            "farpaged agent ready",
+            metadata: [
+                "fp.socket": "\(config.socket)", "fp.uffd_access": "\(probe.access.rawValue)",
+                "fp.budget_pages": "\(budget.budgetPages)", "fp.fault_threads": "\(config.effectiveFaultThreads)",
+                "fp.store": "\(store.name) \(config.storeCapacity) bytes",
+            ])
+        systemdNotify("READY=1\nSTATUS=serving on \(config.socket)")
+    }
+
+    /// Refuses new registrations from now on (existing regions keep being served).
+    public func beginShutdown() {
+        shuttingDown.store(true, ordering: .releasing)
+        systemdNotify("STOPPING=1")
+        logger.info("shutting down: no new regions; serving \(regionCount) existing ones for up to \(config.shutdownGraceSeconds)s")
+    }
+
+    /// Stops everything and removes the socket.
+    public func stop() {
+        control?.stop()
+        control = nil
+        let left = registry.regions.withLock { r in
+            defer { r.removeAll() }
+            return Array(r.values)
+        }
+        if !left.isEmpty {
+            logger.warning(
+                "stopping with regions still registered; their clients' faults block until an agent serves them again",
+                metadata: ["fp.regions": "\(left.map(\.id))"])
+        }
+        for region in left { region.close() }
+        faults.stop()
+        evictor.stop()
+        unlink(config.socket)
+        logger.info("farpaged agent stopped")
+    }
+
+    public var regionCount: Int { registry.regions.withLock { $0.count } }
+
+    // MARK: Region lifecycle (called on the control thread)
+
+    func addRegion(spec: RegionSpec, uffd: Userfaultfd, memfd: OwnedDescriptor) -> Region {
+        let id = nextRegionID.wrappingAdd(1, ordering: .relaxed).oldValue
+        let region = Region(id: id, spec: spec, uffd: uffd, memfd: memfd, store: store, agentBudget: budget,
+                            policy: policy, zeroPage: zeroPage, logger: logger)
+        registry.regions.withLock { $0[id] = region }
+        faults.add(region)
+        logger.info(
+            "region registered",
+            metadata: [
+                "fp.region": "\(id)", "fp.pid": "\(spec.owner.pid)", "fp.uid": "\(spec.owner.uid)",
+                "fp.bytes": "\(spec.length)", "fp.budget_pages": "\(region.budgetPages)", "fp.name": "\(spec.name)",
+            ])
+        return region
+    }
+
+    func removeRegion(id: UInt64, reason: String) {
+        guard let region = registry.regions.withLock({ $0.removeValue(forKey: id) }) else { return }
+        region.close()
+        faults.remove(regionID: id)
+        let s = region.snapshot()
+        logger.info(
+            "region released",
+            metadata: [
+                "fp.region": "\(id)", "fp.reason": "\(reason)", "fp.faults": "\(s.missingFaults)",
+                "fp.evictions": "\(s.evictions)",
+            ])
+    }
+
+    func region(_ id: UInt64) -> Region? { registry.regions.withLock { $0[id] } }
+    func allRegions() -> [Region] { registry.regions.withLock { Array($0.values) }.sorted { $0.id < $1.id } }
+
+    // MARK: Reports
+
+    func totals() -> StatsSnapshot { allRegions().reduce(StatsSnapshot()) { $0 + $1.snapshot() } }
+
+    static func counterDictionary(_ s: StatsSnapshot) -> [String: UInt64] {
+        [
+            "missing_faults": s.missingFaults, "zero_fills": s.zeroFills, "fetches": s.fetches,
+            "wp_faults": s.writeProtectFaults, "evictions": s.evictions, "writebacks": s.writebacks,
+            "clean_evictions": s.cleanEvictions, "zero_evictions": s.zeroEvictions,
+            "cancelled_evictions": s.cancelledEvictions, "prefetched_pages": s.prefetchedPages,
+        ]
+    }
+
+    func status(clients: Int) -> AgentStatus {
+        let regions = allRegions()
+        let totals = regions.reduce(StatsSnapshot()) { $0 + $1.snapshot() }
+        return AgentStatus(
+            version: Self.version, pid: getpid(),
+            uptimeSeconds: Double(monotonicNanoseconds() - startedAt) / 1e9, socket: config.socket,
+            uffdAccess: probe.access.rawValue, uffdFeatures: probe.features.names, pageSize: systemPageSize,
+            faultThreads: config.effectiveFaultThreads, budgetPages: budget.budgetPages,
+            residentPages: budget.residentPages, highWatermarkPages: budget.highPages,
+            lowWatermarkPages: budget.lowPages,
+            store: StoreStatus(kind: store.name, capacityPages: store.capacityPages, usedPages: store.usedPages),
+            regions: regions.count, clients: clients,
+            bookkeepingBytes: regions.reduce(0) { $0 + $1.bookkeepingBytes },
+            totals: Self.counterDictionary(totals), shuttingDown: shuttingDown.load(ordering: .relaxed))
+    }
+
+    func regionReports() -> [RegionReport] {
+        allRegions().map { r in
+            let s = r.snapshot()
+            return RegionReport(
+                id: r.id, name: r.spec.name, pid: r.spec.owner.pid, uid: r.spec.owner.uid, address: r.spec.address,
+                sizeBytes: r.spec.length, budgetPages: r.budgetPages, residentPages: s.residentPages,
+                farPages: s.farPages, counters: Self.counterDictionary(s),
+                ageSeconds: Double(monotonicNanoseconds() - r.createdAt) / 1e9)
+        }
+    }
+}
+
+/// The live regions, by id.
+final class RegionRegistry: Sendable {
+    let regions = Mutex<[UInt64: Region]>([:])
+    func all() -> [Region] { regions.withLock { Array($0.values) } }
+}

@@ -1,0 +1,211 @@
+import FarpageKernel
+import Foundation
+import Logging
+import TOMLKit
+
+/// The agent's configuration (`config/agent.toml` documents every key).
+public struct AgentConfig: Sendable, Equatable {
+    public var socket = "/run/farpage/agent.sock"
+    public var socketMode: UInt32 = 0o666
+    public var faultThreads = 0
+    public var residentBudget: UInt64 = 8 << 30
+    public var regionBudget: UInt64 = 1 << 30
+    public var maxRegionSize: UInt64 = 1 << 40
+    public var maxRegions = 4096
+    public var highWatermark = 0.90
+    public var lowWatermark = 0.70
+    public var evictBatch = 64
+    public var shutdownGraceSeconds = 10.0
+    public var storeKind = "memory"
+    public var storeCapacity: UInt64 = 16 << 30
+    public var logLevel: Logger.Level = .info
+
+    public init() {}
+
+    /// Fault threads to run: the configured number, or one per CPU.
+    public var effectiveFaultThreads: Int {
+        faultThreads > 0 ? faultThreads : max(1, ProcessInfo.processInfo.activeProcessorCount)
+    }
+}
+
+/// A configuration problem, naming the key and the fix.
+public struct ConfigError: Error, CustomStringConvertible, Equatable {
+    public let key: String
+    public let problem: String
+    public let fix: String
+    public var description: String { "config error: \(key): \(problem); \(fix)" }
+}
+
+extension AgentConfig {
+    static let knownKeys: [String: Set<String>] = [
+        "agent": [
+            "socket", "socket_mode", "fault_threads", "resident_budget", "region_budget", "max_region_size",
+            "max_regions", "high_watermark", "low_watermark", "evict_batch", "shutdown_grace",
+        ],
+        "store": ["kind", "capacity"],
+        "log": ["level"],
+    ]
+
+    /// Loads and validates a TOML file.
+    public static func load(path: String) throws(ConfigError) -> AgentConfig {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ConfigError(key: path, problem: "cannot read the file",
+                              fix: "check the path and its permissions, or pass --config with an existing file")
+        }
+        return try parse(String(decoding: data, as: UTF8.self), origin: path)
+    }
+
+    /// Parses and validates TOML text.
+    public static func parse(_ text: String, origin: String = "config") throws(ConfigError) -> AgentConfig {
+        let table: TOMLTable
+        do { table = try TOMLTable(string: text) } catch let error as TOMLParseError {
+            throw ConfigError(key: origin, problem: "not valid TOML at line \(error.source.begin.line), column \(error.source.begin.column): \(error.description)",
+                              fix: "fix the syntax (see config/agent.toml for a commented example)")
+        } catch {
+            throw ConfigError(key: origin, problem: "not valid TOML: \(error)", fix: "fix the syntax")
+        }
+        var c = AgentConfig()
+        for section in table.keys {
+            guard let allowed = knownKeys[section] else {
+                throw ConfigError(key: section, problem: "unknown section",
+                                  fix: "use one of [agent], [store], [log]")
+            }
+            guard let sub = table[section]?.table else {
+                throw ConfigError(key: section, problem: "must be a table", fix: "write it as [\(section)]")
+            }
+            for key in sub.keys where !allowed.contains(key) {
+                throw ConfigError(key: "\(section).\(key)", problem: "unknown key",
+                                  fix: "valid keys in [\(section)]: \(allowed.sorted().joined(separator: ", "))")
+            }
+        }
+        let agent = table["agent"]?.table
+        let store = table["store"]?.table
+        let log = table["log"]?.table
+
+        if let v = agent?["socket"] {
+            guard let s = v.string, s.hasPrefix("/"), s.utf8.count < 108 else {
+                throw ConfigError(key: "agent.socket", problem: "must be an absolute path shorter than 108 bytes",
+                                  fix: "e.g. socket = \"/run/farpage/agent.sock\"")
+            }
+            c.socket = s
+        }
+        if let v = agent?["socket_mode"] {
+            guard let s = v.string, let mode = UInt32(s, radix: 8), mode <= 0o777 else {
+                throw ConfigError(key: "agent.socket_mode", problem: "must be an octal string",
+                                  fix: "e.g. socket_mode = \"0660\"")
+            }
+            c.socketMode = mode
+        }
+        c.faultThreads = try integer(agent, "fault_threads", "agent.fault_threads", 0...256, c.faultThreads)
+        c.residentBudget = try size(agent, "resident_budget", "agent.resident_budget", c.residentBudget)
+        c.regionBudget = try size(agent, "region_budget", "agent.region_budget", c.regionBudget)
+        c.maxRegionSize = try size(agent, "max_region_size", "agent.max_region_size", c.maxRegionSize)
+        c.maxRegions = try integer(agent, "max_regions", "agent.max_regions", 1...1_000_000, c.maxRegions)
+        c.highWatermark = try fraction(agent, "high_watermark", "agent.high_watermark", c.highWatermark)
+        c.lowWatermark = try fraction(agent, "low_watermark", "agent.low_watermark", c.lowWatermark)
+        c.evictBatch = try integer(agent, "evict_batch", "agent.evict_batch", 1...4096, c.evictBatch)
+        if let v = agent?["shutdown_grace"] {
+            guard let s = v.string, let seconds = parseDuration(s) else {
+                throw ConfigError(key: "agent.shutdown_grace", problem: "must be a duration string",
+                                  fix: "e.g. shutdown_grace = \"10s\" (units ms, s, m)")
+            }
+            c.shutdownGraceSeconds = seconds
+        }
+        if let v = store?["kind"] {
+            guard let s = v.string, s == "memory" else {
+                throw ConfigError(key: "store.kind", problem: "unsupported far tier \(v.string.map { "\"\($0)\"" } ?? "value")",
+                                  fix: "this release supports kind = \"memory\"")
+            }
+            c.storeKind = s
+        }
+        c.storeCapacity = try size(store, "capacity", "store.capacity", c.storeCapacity)
+        if let v = log?["level"] {
+            guard let s = v.string, let level = Logger.Level(rawValue: s.lowercased()) else {
+                throw ConfigError(key: "log.level", problem: "unknown level",
+                                  fix: "use one of trace, debug, info, notice, warning, error, critical")
+            }
+            c.logLevel = level
+        }
+        try c.validate()
+        return c
+    }
+
+    /// Cross-field checks.
+    public func validate() throws(ConfigError) {
+        let page = UInt64(systemPageSize)
+        guard lowWatermark < highWatermark else {
+            throw ConfigError(key: "agent.low_watermark", problem: "(\(lowWatermark)) must be below high_watermark (\(highWatermark))",
+                              fix: "e.g. high_watermark = 0.9 and low_watermark = 0.7")
+        }
+        guard residentBudget >= 16 * page else {
+            throw ConfigError(key: "agent.resident_budget", problem: "is below 16 pages",
+                              fix: "give the agent at least 64KiB, e.g. resident_budget = \"8GiB\"")
+        }
+        guard regionBudget >= page else {
+            throw ConfigError(key: "agent.region_budget", problem: "is below one page", fix: "e.g. region_budget = \"1GiB\"")
+        }
+        guard maxRegionSize >= page, maxRegionSize <= (UInt64(UInt32.max) * page) else {
+            throw ConfigError(key: "agent.max_region_size", problem: "must be between one page and 16TiB",
+                              fix: "e.g. max_region_size = \"1TiB\"")
+        }
+        guard storeCapacity >= page else {
+            throw ConfigError(key: "store.capacity", problem: "is below one page", fix: "e.g. capacity = \"16GiB\"")
+        }
+    }
+
+    private static func integer(_ t: TOMLTable?, _ k: String, _ name: String, _ range: ClosedRange<Int>, _ d: Int)
+        throws(ConfigError) -> Int
+    {
+        guard let v = t?[k] else { return d }
+        guard let i = v.int, range.contains(i) else {
+            throw ConfigError(key: name, problem: "must be an integer in \(range.lowerBound)...\(range.upperBound)",
+                              fix: "e.g. \(k) = \(d)")
+        }
+        return i
+    }
+
+    private static func fraction(_ t: TOMLTable?, _ k: String, _ name: String, _ d: Double) throws(ConfigError) -> Double {
+        guard let v = t?[k] else { return d }
+        guard let x = v.double ?? v.int.map(Double.init), x > 0, x <= 1 else {
+            throw ConfigError(key: name, problem: "must be a fraction in (0, 1]", fix: "e.g. \(k) = \(d)")
+        }
+        return x
+    }
+
+    private static func size(_ t: TOMLTable?, _ k: String, _ name: String, _ d: UInt64) throws(ConfigError) -> UInt64 {
+        guard let v = t?[k] else { return d }
+        if let i = v.int, i > 0 { return UInt64(i) }
+        guard let s = v.string, let bytes = parseSize(s) else {
+            throw ConfigError(key: name, problem: "is not a size", fix: "write e.g. \(k) = \"4GiB\" (units B, KiB, MiB, GiB, TiB)")
+        }
+        return bytes
+    }
+}
+
+/// Parses "64MiB", "4GiB", "512KiB", "4096", "1TiB" (also KB/MB/GB/TB as binary units, as operators mean them).
+public func parseSize(_ text: String) -> UInt64? {
+    let s = text.trimmingCharacters(in: .whitespaces)
+    let digits = s.prefix { $0.isNumber }
+    guard let n = UInt64(digits), n > 0 else { return nil }
+    let unit = s.dropFirst(digits.count).trimmingCharacters(in: .whitespaces).lowercased()
+    let shift: UInt64
+    switch unit {
+    case "", "b": shift = 0
+    case "k", "kb", "kib": shift = 10
+    case "m", "mb", "mib": shift = 20
+    case "g", "gb", "gib": shift = 30
+    case "t", "tb", "tib": shift = 40
+    default: return nil
+    }
+    guard n <= UInt64.max >> shift else { return nil }
+    return n << shift
+}
+
+/// Parses "10s", "500ms", "2m".
+public func parseDuration(_ text: String) -> Double? {
+    let s = text.trimmingCharacters(in: .whitespaces).lowercased()
+    for (suffix, scale) in [("ms", 0.001), ("s", 1.0), ("m", 60.0)] where s.hasSuffix(suffix) {
+        if let v = Double(s.dropLast(suffix.count)), v >= 0 { return v * scale }
+    }
+    return nil
+}

@@ -1,0 +1,212 @@
+import FarpageKernel
+import Logging
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Dedicated threads that serve userfaultfd events (never Swift's cooperative pool).
+///
+/// Each thread owns an epoll set holding the uffds of the regions assigned to
+/// it plus an eventfd for commands (add, remove, stop). A region is served by
+/// exactly one thread, so its events are handled in order.
+public final class FaultService: @unchecked Sendable {
+    final class Worker: @unchecked Sendable {
+        let index: Int
+        let epoll: Epoll
+        let signal: EventSignal
+        let commands = Mutex<[Command]>([])
+        let load = Atomic<Int>(0)
+        var thread: pthread_t? = nil
+        init(index: Int) throws(KernelError) {
+            self.index = index
+            epoll = try Epoll()
+            signal = try EventSignal()
+            try epoll.add(signal.descriptor.rawValue, token: 0)
+        }
+    }
+    enum Command {
+        case add(Region)
+        case remove(UInt64, CompletionSignal?)
+        case stop
+    }
+
+    let workers: [Worker]
+    let evictor: Evictor
+    let logger: Logger
+    let stagingPages: Int
+    let evictBatch: Int
+
+    public init(threads: Int, evictor: Evictor, stagingPages: Int, evictBatch: Int, logger: Logger) throws(KernelError) {
+        var ws: [Worker] = []
+        for i in 0..<max(1, threads) { ws.append(try Worker(index: i)) }
+        workers = ws
+        self.evictor = evictor
+        self.logger = logger
+        self.stagingPages = max(1, stagingPages)
+        self.evictBatch = max(1, evictBatch)
+    }
+
+    public func start() throws(KernelError) {
+        for worker in workers {
+            let staging = try StagingBuffer(pages: stagingPages)
+            let evictStaging = try StagingBuffer(pages: evictBatch)
+            worker.thread = startThread(name: "fp-fault-\(worker.index)") { [self] in
+                run(worker, staging: staging, evictStaging: evictStaging)
+            }
+        }
+    }
+
+    /// Starts serving `region` on the least-loaded thread.
+    public func add(_ region: Region) {
+        let worker = workers.min { $0.load.load(ordering: .relaxed) < $1.load.load(ordering: .relaxed) }!
+        worker.load.wrappingAdd(1, ordering: .relaxed)
+        send(.add(region), to: worker)
+    }
+
+    /// Stops serving the region; `done` is signalled once its thread has let go of it.
+    public func remove(regionID: UInt64, done: CompletionSignal? = nil) {
+        for worker in workers { send(.remove(regionID, done), to: worker) }
+    }
+
+    public func stop() {
+        for worker in workers { send(.stop, to: worker) }
+        for worker in workers { if let t = worker.thread { pthread_join(t, nil) } }
+    }
+
+    private func send(_ command: Command, to worker: Worker) {
+        worker.commands.withLock { $0.append(command) }
+        worker.signal.signal()
+    }
+
+    private func run(_ worker: Worker, staging: StagingBuffer, evictStaging: StagingBuffer) {
+        var regions: [UInt64: Region] = [:]
+        var ready: [Epoll.Ready] = []
+        var events: [UffdEvent] = []
+        events.reserveCapacity(64)
+        while true {
+            do { try worker.epoll.wait(into: &ready, timeoutMilliseconds: -1) } catch {
+                logger.critical("epoll_wait failed on a fault thread", metadata: ["fp.error": "\(error)"])
+                return
+            }
+            for r in ready {
+                if r.token == 0 {
+                    worker.signal.drain()
+                    let commands = worker.commands.withLock { c in
+                        defer { c.removeAll() }
+                        return c
+                    }
+                    for command in commands {
+                        switch command {
+                        case .add(let region):
+                            do {
+                                try worker.epoll.add(region.uffd.rawValue, token: region.id)
+                                regions[region.id] = region
+                            } catch {
+                                logger.error("cannot watch a region's userfaultfd", metadata: ["fp.error": "\(error)"])
+                            }
+                        case .remove(let id, let done):
+                            if let region = regions.removeValue(forKey: id) {
+                                worker.epoll.remove(region.uffd.rawValue)
+                                worker.load.wrappingSubtract(1, ordering: .relaxed)
+                            }
+                            done?.signal()
+                        case .stop:
+                            return
+                        }
+                    }
+                    continue
+                }
+                guard let region = regions[r.token] else { continue }
+                serve(region, events: &events, staging: staging, evictStaging: evictStaging)
+            }
+        }
+    }
+
+    private func serve(_ region: Region, events: inout [UffdEvent], staging: StagingBuffer,
+                       evictStaging: StagingBuffer)
+    {
+        // Bounded rounds so that one busy region cannot starve the others on this thread.
+        var wakeEvictor = false
+        for _ in 0..<8 {
+            let n: Int
+            do { n = try region.uffd.readEvents(into: &events) } catch {
+                logger.error("reading a userfaultfd failed", metadata: ["fp.region": "\(region.id)", "fp.error": "\(error)"])
+                return
+            }
+            if n == 0 { break }
+            for event in events {
+                switch event.kind {
+                case .pageFault(let address, let write, let wp, _, _):
+                    if region.handleFault(address: address, write: write, writeProtect: wp, staging: staging,
+                                          evictStaging: evictStaging)
+                    {
+                        wakeEvictor = true
+                    }
+                default:
+                    logger.debug("ignoring a userfaultfd event", metadata: ["fp.event": "\(event.kind)"])
+                }
+            }
+        }
+        if wakeEvictor { evictor.poke() }
+    }
+}
+
+/// Signals a waiting thread once.
+public final class CompletionSignal: @unchecked Sendable {
+    private var mutex = pthread_mutex_t()
+    private var condition = pthread_cond_t()
+    private var done = false
+    public init() {
+        pthread_mutex_init(&mutex, nil)
+        pthread_cond_init(&condition, nil)
+    }
+    deinit {
+        pthread_cond_destroy(&condition)
+        pthread_mutex_destroy(&mutex)
+    }
+    public func signal() {
+        pthread_mutex_lock(&mutex)
+        done = true
+        pthread_cond_broadcast(&condition)
+        pthread_mutex_unlock(&mutex)
+    }
+    /// Waits up to `milliseconds`; returns whether it was signalled.
+    @discardableResult
+    public func wait(milliseconds: Int) -> Bool {
+        var deadline = timespec()
+        clock_gettime(CLOCK_REALTIME, &deadline)
+        let ns = Int(deadline.tv_nsec) + (milliseconds % 1000) * 1_000_000
+        deadline.tv_sec += milliseconds / 1000 + ns / 1_000_000_000
+        deadline.tv_nsec = ns % 1_000_000_000
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        while !done {
+            if pthread_cond_timedwait(&condition, &mutex, &deadline) != 0 { return done }
+        }
+        return true
+    }
+}
+
+/// Starts a named pthread running `body`.
+public func startThread(name: String, _ body: @escaping @Sendable () -> Void) -> pthread_t {
+    final class Box: @unchecked Sendable {
+        let body: @Sendable () -> Void
+        let name: String
+        init(_ body: @escaping @Sendable () -> Void, _ name: String) {
+            self.body = body
+            self.name = name
+        }
+    }
+    let box = Unmanaged.passRetained(Box(body, name)).toOpaque()
+    var thread = pthread_t()
+    let r = pthread_create(&thread, nil, { arg in
+        let box = Unmanaged<AnyObject>.fromOpaque(arg!).takeRetainedValue() as! Box
+        setCurrentThreadName(box.name)
+        box.body()
+        return nil
+    }, box)
+    precondition(r == 0, "pthread_create failed: \(r)")
+    return thread
+}

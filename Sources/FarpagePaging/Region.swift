@@ -1,0 +1,607 @@
+import FarpageKernel
+import FarpageTiers
+import Logging
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a client asked for when registering a region.
+public struct RegionSpec: Sendable {
+    public var address: UInt64
+    public var length: UInt64
+    public var pageSize: Int
+    public var name: String
+    public var owner: PeerCredentials
+    public var budgetPages: Int
+
+    public init(address: UInt64, length: UInt64, pageSize: Int, name: String, owner: PeerCredentials, budgetPages: Int) {
+        self.address = address
+        self.length = length
+        self.pageSize = pageSize
+        self.name = name
+        self.owner = owner
+        self.budgetPages = budgetPages
+    }
+}
+
+/// Tunables shared by every region of an agent.
+public struct PagingPolicy: Sendable {
+    public var highWatermark: Double = 0.9
+    public var lowWatermark: Double = 0.7
+    public var evictBatch: Int = 64
+    /// Pages fetched ahead of a fault in a range advised SEQUENTIAL.
+    public var sequentialWindow: Int = 16
+    public init() {}
+}
+
+/// Per-thread scratch memory for page copies.
+public final class StagingBuffer: @unchecked Sendable {
+    public let base: UnsafeMutableRawPointer
+    public let pages: Int
+    public let pageSize: Int
+    public init(pages: Int, pageSize: Int = systemPageSize) throws(KernelError) {
+        self.pages = pages
+        self.pageSize = pageSize
+        base = try AnonymousMemory.map(bytes: UInt64(pages * pageSize))
+    }
+    deinit { AnonymousMemory.unmap(base, bytes: UInt64(pages * pageSize)) }
+    @inline(__always) public func page(_ i: Int) -> UnsafeMutableRawPointer { base + i * pageSize }
+}
+
+/// A client's region: its page table and the fault and eviction logic that keeps it correct.
+///
+/// Locking: `core` (one mutex per region) guards the page table and the
+/// resident queue; it is never held across a kernel call or a store operation,
+/// except none — every syscall happens outside it, and the page state machine
+/// (`PageTransitions`) makes the interleavings safe.
+public final class Region: @unchecked Sendable {
+    public let id: UInt64
+    public let spec: RegionSpec
+    public let pageCount: Int
+    public let uffd: Userfaultfd
+    public let memfd: OwnedDescriptor
+    public let counters = RegionCounters()
+    public let budgetPages: Int
+    let highPages: Int
+    let lowPages: Int
+    let policy: PagingPolicy
+    let store: any PageStore
+    let agentBudget: ResidentBudget
+    let logger: Logger
+    let zeroPage: UnsafeMutableRawPointer
+    public let createdAt = monotonicNanoseconds()
+
+    struct Core {
+        var table: PageTable
+        var queue = ResidentQueue()
+        var resident = 0
+        var far = 0
+        var sequential: [Range<Int>] = []
+    }
+    let core: Mutex<Core>
+    let closed = Atomic<Bool>(false)
+
+    public init(id: UInt64, spec: RegionSpec, uffd: Userfaultfd, memfd: OwnedDescriptor, store: any PageStore,
+                agentBudget: ResidentBudget, policy: PagingPolicy, zeroPage: UnsafeMutableRawPointer, logger: Logger)
+    {
+        self.id = id
+        self.spec = spec
+        self.pageCount = Int(spec.length / UInt64(spec.pageSize))
+        self.uffd = uffd
+        self.memfd = memfd
+        self.store = store
+        self.agentBudget = agentBudget
+        self.policy = policy
+        self.budgetPages = max(1, spec.budgetPages)
+        self.highPages = max(1, min(budgetPages, Int(Double(budgetPages) * policy.highWatermark)))
+        self.lowPages = max(0, min(highPages - 1, Int(Double(budgetPages) * policy.lowWatermark)))
+        self.zeroPage = zeroPage
+        var l = logger
+        l[metadataKey: "fp.region"] = "\(id)"
+        self.logger = l
+        self.core = Mutex(Core(table: PageTable(pageCount: pageCount)))
+    }
+
+    deinit {
+        // Give the far tier its slots back and the agent its budget.
+        var locations: [PageLocation] = []
+        let resident = core.withLock { c in
+            c.table.forEachEntry { _, e in if let l = e.location { locations.append(l) } }
+            return c.resident
+        }
+        store.release(locations)
+        agentBudget.add(-resident)
+    }
+
+    public var isClosed: Bool { closed.load(ordering: .acquiring) }
+    /// Stops all further work on the region (faults are no longer served; eviction stops).
+    public func close() { closed.store(true, ordering: .releasing) }
+
+    public var residentPages: Int { core.withLock { $0.resident } }
+
+    @inline(__always) func address(ofPage page: Int) -> UInt64 { spec.address + UInt64(page * spec.pageSize) }
+
+    public func snapshot() -> StatsSnapshot {
+        var s = StatsSnapshot()
+        (s.residentPages, s.farPages) = core.withLock { (UInt64($0.resident), UInt64($0.far)) }
+        s.sizeBytes = spec.length
+        s.pageSize = UInt64(spec.pageSize)
+        s.budgetPages = UInt64(budgetPages)
+        s.missingFaults = counters.missingFaults.value
+        s.zeroFills = counters.zeroFills.value
+        s.fetches = counters.fetches.value
+        s.writeProtectFaults = counters.writeProtectFaults.value
+        s.evictions = counters.evictions.value
+        s.writebacks = counters.writebacks.value
+        s.cleanEvictions = counters.cleanEvictions.value
+        s.zeroEvictions = counters.zeroEvictions.value
+        s.cancelledEvictions = counters.cancelledEvictions.value
+        s.prefetchedPages = counters.prefetchedPages.value
+        s.regions = 1
+        return s
+    }
+
+    /// Page-table and queue bytes (the agent's bookkeeping for this region).
+    public var bookkeepingBytes: Int { core.withLock { $0.table.bookkeepingBytes + $0.queue.bookkeepingBytes } }
+
+    /// Whether the region (or the agent) is above its high watermark.
+    public var needsEviction: Bool { residentPages > highPages }
+    public var aboveLowWatermark: Bool { residentPages > lowPages }
+}
+
+// MARK: - Fault service
+
+extension Region {
+    /// Serves one page fault. Runs on a fault thread.
+    /// - Returns: true when the caller should wake the evictor (above a high watermark).
+    @discardableResult
+    public func handleFault(address: UInt64, write: Bool, writeProtect: Bool, staging: StagingBuffer,
+                            evictStaging: StagingBuffer) -> Bool
+    {
+        guard !isClosed else { return false }
+        let pageAddress = address & ~UInt64(spec.pageSize - 1)
+        guard pageAddress >= spec.address, pageAddress - spec.address < spec.length else {
+            logger.warning("fault outside the region", metadata: ["fp.address": "\(address)"])
+            return false
+        }
+        let page = Int((pageAddress - spec.address) / UInt64(spec.pageSize))
+
+        if writeProtect {
+            counters.writeProtectFaults.bump()
+            let action = core.withLock { c in PageTransitions.writeProtectFault(&c.table[page]) }
+            switch action {
+            case .unprotect:
+                do {
+                    try uffd.writeProtect(address: pageAddress, length: UInt64(spec.pageSize), enable: false)
+                } catch {
+                    logger.error("unprotecting a page failed", metadata: ["fp.error": "\(error)"])
+                }
+            case .wake: uffd.wake(address: pageAddress, length: UInt64(spec.pageSize))
+            default: break
+            }
+            return false
+        }
+
+        counters.missingFaults.bump()
+        // Direct reclaim: never install past the region's budget.
+        if residentPages >= budgetPages { _ = evict(maxPages: policy.evictBatch, staging: evictStaging) }
+        let action = core.withLock { c in PageTransitions.missingFault(&c.table[page]) }
+        switch action {
+        case .zeroFill:
+            counters.zeroFills.bump()
+            install(page: page, from: zeroPage, writable: write)
+        case .fetch(let location):
+            fetchAndInstall(page: page, location: location, writable: write, staging: staging)
+        case .poison:
+            do { try uffd.poison(address: pageAddress, length: UInt64(spec.pageSize)) } catch {
+                logger.error("poisoning a lost page failed", metadata: ["fp.error": "\(error)"])
+            }
+        case .wake: uffd.wake(address: pageAddress, length: UInt64(spec.pageSize))
+        case .drop, .unprotect: break
+        }
+        if case .drop = action {
+        } else if hasSequentialHint(page) {
+            prefetch(after: page, staging: staging)
+        }
+        return residentPages > highPages || agentBudget.residentPages > agentBudget.highPages
+    }
+
+    private func fetchAndInstall(page: Int, location: PageLocation, writable: Bool, staging: StagingBuffer) {
+        let batch = PageIOBatch(kind: .read, capacity: 1)
+        batch.append(buffer: staging.page(0), location: location)
+        var attempt = 0
+        while true {
+            store.submitAndWait(batch)
+            if batch.errors.first.flatMap({ $0 }) == nil { break }
+            attempt += 1
+            if attempt >= 3 {
+                let error = batch.errors[0]!
+                logger.error(
+                    "far tier could not return a page; poisoning it (the client gets SIGBUS on touch)",
+                    metadata: ["fp.page": "\(page)", "fp.error": "\(error)"])
+                counters.lostPages.bump()
+                core.withLock { c in
+                    PageTransitions.fetchFailed(&c.table[page])
+                    c.far -= 1
+                }
+                try? uffd.poison(address: address(ofPage: page), length: UInt64(spec.pageSize))
+                return
+            }
+        }
+        counters.fetches.bump()
+        install(page: page, from: staging.page(0), writable: writable)
+    }
+
+    /// Installs one page with `UFFDIO_COPY` and records it resident.
+    private func install(page: Int, from source: UnsafeRawPointer, writable: Bool, prefetch: Bool = false) {
+        let result: Userfaultfd.InstallResult
+        do {
+            result = try uffd.copy(to: address(ofPage: page), from: source, length: spec.pageSize,
+                                   writeProtect: !writable)
+        } catch {
+            logger.error("installing a page failed", metadata: ["fp.page": "\(page)", "fp.error": "\(error)"])
+            result = .clientGone
+        }
+        core.withLock { c in
+            var e = c.table[page]
+            let wasFar = e.location != nil
+            switch result {
+            case .installed, .alreadyPresent:
+                PageTransitions.installed(&e, writable: writable, foreign: result == .alreadyPresent)
+                if wasFar { c.far -= 1 }
+                c.resident += 1
+                if !e.queued {
+                    e.queued = true
+                    c.queue.push(page)
+                }
+            case .clientGone:
+                PageTransitions.installAbandoned(&e)
+            }
+            c.table[page] = e
+        }
+        switch result {
+        case .installed, .alreadyPresent:
+            agentBudget.add(1)
+            if result == .alreadyPresent {
+                counters.foreignPages.bump()
+                logger.warning("a page was already present in the memfd (populated outside the agent)",
+                               metadata: ["fp.page": "\(page)"])
+            }
+            if prefetch { counters.prefetchedPages.bump() }
+        case .clientGone: break
+        }
+    }
+
+    private func hasSequentialHint(_ page: Int) -> Bool {
+        core.withLock { c in c.sequential.contains { $0.contains(page) } }
+    }
+
+    /// Fetches up to `sequentialWindow` pages after `page` (advised SEQUENTIAL), clean and write-protected.
+    private func prefetch(after page: Int, staging: StagingBuffer) {
+        let window = min(policy.sequentialWindow, staging.pages, pageCount - page - 1)
+        guard window > 0 else { return }
+        for next in (page + 1)...(page + window) {
+            if residentPages >= highPages { return }  // never let prefetch push out the working set
+            let action = core.withLock { c -> FaultAction? in
+                let state = c.table[next].state
+                guard state == .far || state == .untouched else { return nil }
+                return PageTransitions.missingFault(&c.table[next])
+            }
+            switch action {
+            case .zeroFill: install(page: next, from: zeroPage, writable: false, prefetch: true)
+            case .fetch(let location):
+                let batch = PageIOBatch(kind: .read, capacity: 1)
+                batch.append(buffer: staging.page(0), location: location)
+                store.submitAndWait(batch)
+                if batch.errors[0] != nil {
+                    core.withLock { c in PageTransitions.installAbandoned(&c.table[next]) }
+                    return
+                }
+                counters.fetches.bump()
+                install(page: next, from: staging.page(0), writable: false, prefetch: true)
+            default: continue
+            }
+        }
+    }
+}
+
+// MARK: - Eviction
+
+extension Region {
+    /// Evicts up to `maxPages` cold pages by the protocol in DESIGN.md: write-protect, copy out,
+    /// store, punch; a write fault in between cancels a page's eviction. Returns pages freed.
+    public func evict(maxPages: Int, staging: StagingBuffer) -> Int {
+        guard !isClosed else { return 0 }
+        let limit = min(maxPages, staging.pages)
+        var victims: [(page: Int, kind: EvictionKind)] = []
+        victims.reserveCapacity(limit)
+        core.withLock { c in
+            var scanned = 0
+            let scanLimit = c.queue.count * 2
+            while victims.count < limit, scanned < scanLimit, let page = c.queue.pop() {
+                scanned += 1
+                var e = c.table[page]
+                guard e.state == .resident else {
+                    e.queued = false
+                    c.table[page] = e
+                    continue
+                }
+                if e.referenced {  // second chance
+                    e.referenced = false
+                    c.table[page] = e
+                    c.queue.push(page)
+                    continue
+                }
+                e.queued = false
+                let kind = PageTransitions.beginEviction(&e)!
+                c.table[page] = e
+                victims.append((page, kind))
+            }
+        }
+        guard !victims.isEmpty else { return 0 }
+        victims.sort { $0.page < $1.page }
+
+        // 1. Write-protect the modified pages (clean ones are mapped protected already).
+        //    From here on a client write blocks in a WP fault, which cancels that page.
+        let dirty = victims.indices.filter { victims[$0].kind == .writeBack }
+        var protectFailed = false
+        forEachRun(dirty.map { victims[$0].page }) { start, count in
+            do {
+                try uffd.writeProtect(address: address(ofPage: start), length: UInt64(count * spec.pageSize),
+                                      enable: true)
+            } catch {
+                logger.error("write-protecting pages for eviction failed", metadata: ["fp.error": "\(error)"])
+                protectFailed = true
+            }
+        }
+        if protectFailed {
+            core.withLock { c in for v in victims { abortEviction(&c, v.page) } }
+            return 0
+        }
+
+        // 2. Copy out through the page cache (never through a mapping: see docs/decisions.md).
+        let batch = PageIOBatch(kind: .write, capacity: dirty.count)
+        var slot = 0
+        var stagingIndex = [Int](repeating: -1, count: victims.count)
+        var zero = [Bool](repeating: false, count: victims.count)
+        var readFailed = false
+        forEachRun(dirty.map { victims[$0].page }) { start, count in
+            let dest = staging.page(slot)
+            do {
+                let n = try Memfd.read(memfd, into: dest, length: count * spec.pageSize,
+                                       offset: UInt64(start * spec.pageSize))
+                if n != count * spec.pageSize { readFailed = true }
+            } catch {
+                logger.error("reading pages for eviction failed", metadata: ["fp.error": "\(error)"])
+                readFailed = true
+            }
+            slot += count
+        }
+        if readFailed {
+            core.withLock { c in for v in victims { abortEviction(&c, v.page) } }
+            return 0
+        }
+        let existing = core.withLock { c in dirty.map { c.table[victims[$0].page].location } }
+        for (n, i) in dirty.enumerated() {
+            stagingIndex[i] = n
+            if isZeroPage(staging.page(n), spec.pageSize) {
+                zero[i] = true
+            } else {
+                batch.append(buffer: staging.page(n), location: existing[n])
+            }
+        }
+
+        // 3. Store, and wait until the far copies are durable.
+        if batch.count > 0 { store.submitAndWait(batch) }
+        var batchIndex = [Int](repeating: -1, count: victims.count)
+        var b = 0
+        for i in dirty where !zero[i] {
+            batchIndex[i] = b
+            b += 1
+        }
+
+        // 4. Decide per page under the lock: a cancelled page stays; the rest get punched.
+        var toPunch: [Int] = []
+        var release: [PageLocation] = []
+        var failed = 0
+        core.withLock { c in
+            for (i, v) in victims.enumerated() {
+                var e = c.table[v.page]
+                var stored: PageLocation? = nil
+                switch v.kind {
+                case .clean: stored = e.location
+                case .zero: stored = nil
+                case .writeBack:
+                    if zero[i] {
+                        if let l = e.location, !e.cancel {
+                            release.append(l)
+                            e.location = nil
+                        }
+                    } else {
+                        let bi = batchIndex[i]
+                        if let err = batch.errors[bi] {
+                            _ = err
+                            failed += 1
+                            PageTransitions.evictionFailed(&e)
+                            requeue(&c, &e, v.page)
+                            c.table[v.page] = e
+                            continue
+                        }
+                        stored = batch.locations[bi]
+                    }
+                }
+                let wasCancelled = e.cancel
+                if PageTransitions.copiedOut(&e, stored: stored) {
+                    toPunch.append(v.page)
+                } else {
+                    requeue(&c, &e, v.page)
+                    if wasCancelled { counters.cancelledEvictions.bump() }
+                }
+                c.table[v.page] = e
+            }
+        }
+        if failed > 0 {
+            logger.warning("far tier refused pages; they stay resident", metadata: ["fp.pages": "\(failed)"])
+        }
+        store.release(release)
+
+        // 5. Punch the local copies: frees the memory and zaps the client's mapping.
+        forEachRun(toPunch) { start, count in
+            do {
+                try Memfd.punchHole(memfd, offset: UInt64(start * spec.pageSize), length: UInt64(count * spec.pageSize))
+            } catch {
+                logger.error("punching evicted pages failed", metadata: ["fp.error": "\(error)"])
+            }
+        }
+        var writebacks = 0
+        var cleans = 0
+        var zeros = 0
+        core.withLock { c in
+            for page in toPunch {
+                var e = c.table[page]
+                PageTransitions.punched(&e)
+                c.table[page] = e
+                c.resident -= 1
+                if e.state == .far { c.far += 1 }
+            }
+        }
+        for (i, v) in victims.enumerated() where toPunch.binarySearchContains(v.page) {
+            switch v.kind {
+            case .writeBack: if zero[i] { zeros += 1 } else { writebacks += 1 }
+            case .clean: cleans += 1
+            case .zero: zeros += 1
+            }
+        }
+        agentBudget.add(-toPunch.count)
+        counters.evictions.bump(UInt64(toPunch.count))
+        counters.writebacks.bump(UInt64(writebacks))
+        counters.cleanEvictions.bump(UInt64(cleans))
+        counters.zeroEvictions.bump(UInt64(zeros))
+        // 6. Faults that arrived while pages were punching were dropped: wake them to refault.
+        forEachRun(toPunch) { start, count in
+            uffd.wake(address: address(ofPage: start), length: UInt64(count * spec.pageSize))
+        }
+        return toPunch.count
+    }
+
+    private func abortEviction(_ c: inout Core, _ page: Int) {
+        var e = c.table[page]
+        PageTransitions.evictionFailed(&e)
+        requeue(&c, &e, page)
+        c.table[page] = e
+    }
+
+    private func requeue(_ c: inout Core, _ e: inout PageEntry, _ page: Int) {
+        if !e.queued {
+            e.queued = true
+            c.queue.push(page)
+        }
+    }
+
+    /// Calls `body(start, count)` for each run of consecutive pages in sorted `pages`.
+    func forEachRun(_ pages: [Int], _ body: (Int, Int) -> Void) {
+        var i = 0
+        while i < pages.count {
+            var j = i + 1
+            while j < pages.count, pages[j] == pages[j - 1] + 1 { j += 1 }
+            body(pages[i], j - i)
+            i = j
+        }
+    }
+}
+
+// MARK: - Advice
+
+/// `farpage_advise` hints.
+public enum AdviceHint: UInt32, Sendable {
+    case normal = 0
+    case sequential = 1
+    case willNeed = 2
+    case dontNeed = 3
+    case random = 4
+}
+
+extension Region {
+    /// Applies a hint to pages [first, first+count). Runs on the control thread.
+    public func advise(firstPage: Int, count: Int, hint: AdviceHint, staging: StagingBuffer) {
+        let range = firstPage..<(firstPage + count)
+        switch hint {
+        case .normal, .random:
+            core.withLock { c in c.sequential.removeAll { $0.overlaps(range) } }
+        case .sequential:
+            core.withLock { c in
+                c.sequential.removeAll { $0.overlaps(range) }
+                if c.sequential.count < 64 { c.sequential.append(range) }
+            }
+        case .willNeed:
+            // Bring far pages back, clean, while the region stays under its high watermark.
+            for page in range {
+                if residentPages >= highPages || isClosed { break }
+                let action = core.withLock { c -> FaultAction? in
+                    guard c.table[page].state == .far else { return nil }
+                    return PageTransitions.missingFault(&c.table[page])
+                }
+                if case .fetch(let location) = action {
+                    let batch = PageIOBatch(kind: .read, capacity: 1)
+                    batch.append(buffer: staging.page(0), location: location)
+                    store.submitAndWait(batch)
+                    if batch.errors[0] != nil {
+                        core.withLock { c in PageTransitions.installAbandoned(&c.table[page]) }
+                        continue
+                    }
+                    counters.fetches.bump()
+                    install(page: page, from: staging.page(0), writable: false, prefetch: true)
+                }
+            }
+        case .dontNeed:
+            var release: [PageLocation] = []
+            var punch: [Int] = []
+            core.withLock { c in
+                for page in range {
+                    var e = c.table[page]
+                    let wasFar = e.state == .far
+                    guard let (location, needsPunch) = PageTransitions.drop(&e) else { continue }
+                    if let location { release.append(location) }
+                    if needsPunch { punch.append(page) }
+                    if wasFar { c.far -= 1 }
+                    c.table[page] = e
+                }
+            }
+            store.release(release)
+            forEachRun(punch) { start, n in
+                try? Memfd.punchHole(memfd, offset: UInt64(start * spec.pageSize), length: UInt64(n * spec.pageSize))
+            }
+            core.withLock { c in
+                for page in punch {
+                    PageTransitions.punched(&c.table[page])
+                    c.resident -= 1
+                }
+            }
+            agentBudget.add(-punch.count)
+            forEachRun(punch) { start, n in uffd.wake(address: address(ofPage: start), length: UInt64(n * spec.pageSize)) }
+        }
+    }
+}
+
+@inline(__always)
+func isZeroPage(_ p: UnsafeMutableRawPointer, _ size: Int) -> Bool {
+    let words = p.assumingMemoryBound(to: UInt64.self)
+    var acc: UInt64 = 0
+    for i in 0..<(size / 8) { acc |= words[i] }
+    return acc == 0
+}
+
+extension Array where Element == Int {
+    /// Membership in a sorted array.
+    func binarySearchContains(_ x: Int) -> Bool {
+        var lo = 0
+        var hi = count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if self[mid] < x { lo = mid + 1 } else { hi = mid }
+        }
+        return lo < count && self[lo] == x
+    }
+}

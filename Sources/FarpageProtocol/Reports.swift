@@ -1,0 +1,99 @@
+/// JSON documents served to `farpagectl` (`status`, `regions`). Field names are the JSON keys.
+public struct AgentStatus: Codable, Sendable {
+    public var version: String
+    public var pid: Int32
+    public var uptimeSeconds: Double
+    public var socket: String
+    public var uffdAccess: String
+    public var uffdFeatures: [String]
+    public var pageSize: Int
+    public var faultThreads: Int
+    public var budgetPages: Int
+    public var residentPages: Int
+    public var highWatermarkPages: Int
+    public var lowWatermarkPages: Int
+    public var store: StoreStatus
+    public var regions: Int
+    public var clients: Int
+    public var bookkeepingBytes: Int
+    public var totals: [String: UInt64]
+    public var shuttingDown: Bool
+
+    public init(version: String, pid: Int32, uptimeSeconds: Double, socket: String, uffdAccess: String,
+                uffdFeatures: [String], pageSize: Int, faultThreads: Int, budgetPages: Int, residentPages: Int,
+                highWatermarkPages: Int, lowWatermarkPages: Int, store: StoreStatus, regions: Int, clients: Int,
+                bookkeepingBytes: Int, totals: [String: UInt64], shuttingDown: Bool)
+    {
+        self.version = version
+        self.pid = pid
+        self.uptimeSeconds = uptimeSeconds
+        self.socket = socket
+        self.uffdAccess = uffdAccess
+        self.uffdFeatures = uffdFeatures
+        self.pageSize = pageSize
+        self.faultThreads = faultThreads
+        self.budgetPages = budgetPages
+        self.residentPages = residentPages
+        self.highWatermarkPages = highWatermarkPages
+        self.lowWatermarkPages = lowWatermarkPages
+        self.store = store
+        self.regions = regions
+        self.clients = clients
+        self.bookkeepingBytes = bookkeepingBytes
+        self.totals = totals
+        self.shuttingDown = shuttingDown
+    }
+}
+
+public struct StoreStatus: Codable, Sendable {
+    public var kind: String
+    public var capacityPages: UInt64
+    public var usedPages: UInt64
+    public init(kind: String, capacityPages: UInt64, usedPages: UInt64) {
+        self.kind = kind
+        self.capacityPages = capacityPages
+        self.usedPages = usedPages
+    }
+}
+
+public struct RegionReport: Codable, Sendable {
+    public var id: UInt64
+    public var name: String
+    public var pid: Int32
+    public var uid: UInt32
+    public var address: UInt64
+    public var sizeBytes: UInt64
+    public var budgetPages: Int
+    public var residentPages: UInt64
+    public var farPages: UInt64
+    public var counters: [String: UInt64]
+    public var ageSeconds: Double
+
+    public init(id: UInt64, name: String, pid: Int32, uid: UInt32, address: UInt64, sizeBytes: UInt64,
+                budgetPages: Int, residentPages: UInt64, farPages: UInt64, counters: [String: UInt64], ageSeconds: Double)
+    {
+        self.id = id
+        self.name = name
+        self.pid = pid
+        self.uid = uid
+        self.address = address
+        self.sizeBytes = sizeBytes
+        self.budgetPages = budgetPages
+        self.residentPages = residentPages
+        self.farPages = farPages
+        self.counters = counters
+        self.ageSeconds = ageSeconds
+    }
+}
+
+/// Error codes carried in ERROR replies (with an errno and a message).
+public enum ErrorCode: UInt32, Sendable {
+    case malformed = 1
+    case invalidArgument = 2
+    case badDescriptor = 3
+    case overlap = 4
+    case limit = 5
+    case notFound = 6
+    case kernel = 7
+    case shuttingDown = 8
+}
