@@ -33,7 +33,7 @@ deps:
 	@command -v $(SWIFT) >/dev/null || { echo "make: the Swift 6 toolchain is required on PATH (https://swift.org/install)" >&2; exit 1; }
 
 build: deps
-	$(SWIFT) build -c release
+	$(SWIFT) build -c release --static-swift-stdlib
 
 lib: $(RELEASE)/libfarpage.so
 

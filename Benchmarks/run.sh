@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Benchmarks/run.sh BIN_DIR — `make bench`.
 #
-# 1. builds and runs the raw userfaultfd floor (Benchmarks/uffd-floor), twice:
-#    as the scheduler places it, and with client and handler pinned to one CPU;
+# 1. builds and runs the raw userfaultfd floor (Benchmarks/uffd-floor) three times:
+#    as the scheduler places it, client and handler on one CPU, and on two CPUs
+#    (the unpinned run is bimodal; the pinned ones say which mode is which);
 # 2. starts BIN_DIR/farpaged agent on a private socket with a memory store;
 # 3. runs BIN_DIR/farpage-bench against it;
 # 4. stops the agent and prints a summary against the targets
-#    (store-fault latency <= 1.5x the floor, agent bookkeeping <= 16 bytes/page).
+#    (store-fault latency <= 1.5x the same-CPU floor, agent bookkeeping <= 16 bytes/page).
 #
 # All JSON lines go to bench-results/latest.jsonl (relative to the current directory,
 # the repository root under make). Needs userfaultfd access (root or /dev/userfaultfd).
@@ -66,6 +67,9 @@ ${CC:-gcc} -O2 -Wall -Wextra -D_GNU_SOURCE -o "$bin/uffd_floor" "$here/uffd-floo
 echo "== uffd floor"
 "$bin/uffd_floor" | tee -a "$results"
 "$bin/uffd_floor" --cpu 0 | tee -a "$results"
+if [[ $(nproc) -ge 2 ]]; then
+    "$bin/uffd_floor" --cpu 0,1 | tee -a "$results"
+fi
 
 # --- 2. the agent -------------------------------------------------------------
 sock=$tmp/agent.sock
@@ -132,35 +136,40 @@ show() { [[ -n $1 ]] && echo "$1" || echo "n/a"; }
 
 floor_p50=$(field uffd_floor p50_us)
 floor_p99=$(field uffd_floor p99_us)
-pin_p50=$(field uffd_floor_pinned p50_us)
-pin_p99=$(field uffd_floor_pinned p99_us)
+same_p50=$(field uffd_floor_same_cpu p50_us)
+same_p99=$(field uffd_floor_same_cpu p99_us)
+cross_p50=$(field uffd_floor_cross_cpu p50_us)
+cross_p99=$(field uffd_floor_cross_cpu p99_us)
 fp_p50=$(field store_fault p50_us)
 fp_p99=$(field store_fault p99_us)
 ev_p50=$(field store_fault_evicting p50_us)
 ev_p99=$(field store_fault_evicting p99_us)
-r50=$(ratio "$fp_p50" "$floor_p50")
-r99=$(ratio "$fp_p99" "$floor_p99")
-pr50=$(ratio "$fp_p50" "$pin_p50")
-pr99=$(ratio "$fp_p99" "$pin_p99")
+# The target is against the same-CPU floor: it is stable (the unpinned floor is
+# bimodal) and it is the design's reference figure. The cross-CPU ratio is context.
+r50=$(ratio "$fp_p50" "$same_p50")
+r99=$(ratio "$fp_p99" "$same_p99")
+cr50=$(ratio "$fp_p50" "$cross_p50")
+cr99=$(ratio "$fp_p99" "$cross_p99")
 sweep=$(field sweep gbps)
 bpp_sparse=$(field bookkeeping bytes_per_page_sparse)
 bpp_touched=$(field bookkeeping bytes_per_page_touched)
 
+row() { printf '  %-46s %12s %12s\n' "$1" "$2" "$3"; }
 echo
 echo "== summary (results in $results)"
-printf '  %-44s %12s %12s\n' "" "p50 us" "p99 us"
-printf '  %-44s %12s %12s\n' "uffd floor (scheduler's placement)" "$(show "$floor_p50")" "$(show "$floor_p99")"
-printf '  %-44s %12s %12s\n' "uffd floor (pinned to one CPU)" "$(show "$pin_p50")" "$(show "$pin_p99")"
-printf '  %-44s %12s %12s\n' "farpage store fault" "$(show "$fp_p50")" "$(show "$fp_p99")"
-printf '  %-44s %12s %12s\n' "farpage store fault, eviction running" "$(show "$ev_p50")" "$(show "$ev_p99")"
-printf '  %-44s %12s %12s\n' "ratio farpage / floor (target <= 1.5)" "$r50" "$r99"
-printf '  %-44s %12s %12s\n' "  target" "$(verdict "$r50" 1.5)" "$(verdict "$r99" 1.5)"
-printf '  %-44s %12s %12s\n' "ratio farpage / pinned floor (target <= 1.5)" "$pr50" "$pr99"
-printf '  %-44s %12s %12s\n' "  target" "$(verdict "$pr50" 1.5)" "$(verdict "$pr99" 1.5)"
+row "" "p50 us" "p99 us"
+row "uffd floor, scheduler's placement (bimodal)" "$(show "$floor_p50")" "$(show "$floor_p99")"
+row "uffd floor, client and handler on one CPU" "$(show "$same_p50")" "$(show "$same_p99")"
+row "uffd floor, client and handler on two CPUs" "$(show "$cross_p50")" "$(show "$cross_p99")"
+row "farpage store fault" "$(show "$fp_p50")" "$(show "$fp_p99")"
+row "farpage store fault, eviction running" "$(show "$ev_p50")" "$(show "$ev_p99")"
+row "ratio farpage / one-CPU floor (target <= 1.5)" "$r50" "$r99"
+row "  target" "$(verdict "$r50" 1.5)" "$(verdict "$r99" 1.5)"
+row "ratio farpage / two-CPU floor" "$cr50" "$cr99"
 echo
-printf '  %-44s %12s\n' "sweep read GB/s" "$(show "$sweep")"
-printf '  %-44s %12s   %s\n' "agent bytes/page, sparse (target <= 16)" "$(show "$bpp_sparse")" "$(verdict "$bpp_sparse" 16)"
-printf '  %-44s %12s   %s\n' "agent bytes/page, touched (target <= 16)" "$(show "$bpp_touched")" "$(verdict "$bpp_touched" 16)"
+row "sweep read GB/s" "$(show "$sweep")" ""
+row "agent bytes/page, sparse (target <= 16)" "$(show "$bpp_sparse")" "$(verdict "$bpp_sparse" 16)"
+row "agent bytes/page, touched (target <= 16)" "$(show "$bpp_touched")" "$(verdict "$bpp_touched" 16)"
 
 if [[ $bench_rc -ne 0 ]]; then
     echo "run.sh: farpage-bench failed (exit $bench_rc); see the messages above" >&2

@@ -86,14 +86,14 @@ struct Bench {
 
     init(jsonOnly: Bool) { self.jsonOnly = jsonOnly }
 
-    mutating func note(_ text: String) { printErr("farpage-bench: \(text)") }
+    func note(_ text: String) { printErr("farpage-bench: \(text)") }
 
     /// Runs one measurement; an error is recorded as a failure and the next measurement still runs.
     mutating func attempt(_ what: String, _ body: (inout Bench) throws -> Void) {
         do { try body(&self) } catch { failures.append("\(what): \(error)") }
     }
 
-    mutating func emit(_ line: JSONLine) {
+    func emit(_ line: JSONLine) {
         print(line.text)
         fflush(nil)  // all streams: a crash in the next measurement must not eat this line
     }
@@ -111,31 +111,43 @@ struct Bench {
 
         let settled = try waitForEviction(region, fraction: 0.75, timeoutSeconds: 10)
         if !settled.done {
-            note("resident pages still \(settled.resident) > 75% of the budget after 10 s; measuring anyway")
+            note("resident pages still \(settled.resident) after 10 s, above 75% of the budget; measuring anyway")
         }
         // Demand faults only: fetch-ahead would turn most timed reads into hits.
         if farpage_advise(region.base, region.bytes, FARPAGE_ADVISE_RANDOM) != 0 {
             note("farpage_advise(RANDOM) failed (\(lastError())); prefetch may hide faults")
         }
 
-        try storeFault(region, budgetPages: budgetPages, residentAtStart: settled.resident)
+        try storeFault(region)
         try storeFaultEvicting(region, faults: evictingFaults)
         try sweep(region, fillSeconds: fillSeconds)
     }
 
-    /// Polls the region's counters every 10 ms until resident <= fraction * budget.
+    /// Polls the region's counters every 10 ms until resident <= fraction * budget, or until
+    /// resident has stopped falling for 500 ms (the evictor is done, a little above the
+    /// target), or the timeout.
     func waitForEviction(_ region: Region, fraction: Double, timeoutSeconds: Double) throws -> (done: Bool, resident: Int) {
-        let deadline = monotonicNanoseconds() + UInt64(timeoutSeconds * 1e9)
+        let start = monotonicNanoseconds()
+        let deadline = start + UInt64(timeoutSeconds * 1e9)
+        var lowest = Int.max
+        var lowestSince = start
         while true {
             let s = try region.stats()
             let resident = Int(s.resident_pages)
+            let now = monotonicNanoseconds()
             if Double(resident) <= fraction * Double(s.budget_pages) { return (true, resident) }
-            if monotonicNanoseconds() >= deadline { return (false, resident) }
+            if resident < lowest {
+                lowest = resident
+                lowestSince = now
+            } else if now - lowestSince >= 500_000_000 && resident < Int(s.budget_pages) * 89 / 100 {
+                return (true, resident)
+            }
+            if now >= deadline { return (false, resident) }
             usleep(10_000)
         }
     }
 
-    mutating func storeFault(_ region: Region, budgetPages: Int, residentAtStart: Int) throws {
+    mutating func storeFault(_ region: Region) throws {
         let before = try region.stats()
         let budget = Int(before.budget_pages)
         // Stay under the high watermark (0.9 in the shipped config) so that no eviction
@@ -169,6 +181,7 @@ struct Bench {
         line.add("evictions", Int(after.evictions) - Int(before.evictions))
         line.add("region_pages", region.pages)
         line.add("budget_pages", budget)
+        line.add("resident_at_start", Int(before.resident_pages))
         emit(line)
         rows.append(("store_fault p50 / p99 / mean", latency.summary))
         if after.evictions != before.evictions {
@@ -241,6 +254,9 @@ struct Bench {
         let touchedSpan = (1 << 30) / pageSize
         let base0 = try AgentMemory(pid: agentPid)
         let sparse = try Region(pages: sparsePages, budgetPages: (64 << 20) / pageSize, name: "bench-sparse")
+        // Both regions stay registered until both are measured: memory the agent freed
+        // for one could otherwise be reused for the other and hide its cost.
+        defer { sparse.free() }
         var sparseTouched = 0
         for page in Swift.stride(from: 0, to: touchedSpan, by: stride) {
             sparse.stamp(page)
@@ -249,25 +265,23 @@ struct Bench {
         usleep(100_000)  // let the agent finish any work the faults queued
         let sparseMem = try AgentMemory(pid: agentPid)
         for page in Swift.stride(from: 0, to: touchedSpan, by: stride) where !sparse.verifyStamp(page) {
-            sparse.free()
             throw BenchError("bookkeeping: sparse page \(page) has a wrong stamp")
         }
-        sparse.free()
 
-        // Dense: 1 GiB written in full under a budget that holds all of it, so nothing
-        // goes to the store and the delta is the agent's per-page state alone.
+        // Dense: 1 GiB written in full under a budget whose high watermark (0.9 x budget)
+        // lies above it, so nothing is evicted to the store and the delta is the agent's
+        // per-page state alone.
         let densePages = (1 << 30) / pageSize
         let base1 = try AgentMemory(pid: agentPid)
-        let dense = try Region(pages: densePages, budgetPages: densePages, name: "bench-dense")
+        let dense = try Region(pages: densePages, budgetPages: densePages * 5 / 4, name: "bench-dense")
+        defer { dense.free() }
         for page in 0..<densePages { dense.stamp(page) }
         usleep(100_000)
         let denseMem = try AgentMemory(pid: agentPid)
         let denseStats = try dense.stats()
         for page in 0..<densePages where !dense.verifyStamp(page) {
-            dense.free()
             throw BenchError("bookkeeping: dense page \(page) has a wrong stamp")
         }
-        dense.free()
 
         let sparseDelta = sparseMem.rssPlusPte - base0.rssPlusPte
         let denseDelta = denseMem.rssPlusPte - base1.rssPlusPte

@@ -7,16 +7,18 @@
  * but the handler does nothing except install one 4 KiB page with
  * UFFDIO_COPY from a static buffer. No page table, no tiers, no eviction.
  *
- * Usage: uffd_floor [--cpu N] [pages]     (measured pages, default 20000)
- *   --cpu N  pin client and handler to CPU N. On VMs whose idle vCPUs halt,
- *            a fault handed to a process on the other vCPU pays two wake-ups
- *            (handler, then client) of 20-45 us each; on one CPU it pays two
- *            context switches instead. Both numbers are floors, for different
- *            placements; without --cpu the scheduler decides, as it does for
- *            Farpage's client and agent.
+ * Usage: uffd_floor [--cpu C[,H]] [pages]     (measured pages, default 20000)
+ *   --cpu C    pin client and handler to CPU C;
+ *   --cpu C,H  pin the client to CPU C and the handler to CPU H.
+ *   Placement matters more than anything else here. On VMs whose idle vCPUs
+ *   halt, a fault handed to a process on the other vCPU pays two wake-ups
+ *   (handler, then client) of 20-45 us each; on one CPU it pays two context
+ *   switches. Without --cpu the scheduler decides, and runs land in either
+ *   mode (bimodal), so compare against the pinned figures.
  * Output: one JSON line on stdout:
  *   {"name":"uffd_floor","pages":N,"p50_us":...,"p99_us":...,"mean_us":...}
- *   (name "uffd_floor_pinned" and a "cpu" field with --cpu)
+ *   With --cpu the name is "uffd_floor_same_cpu" or "uffd_floor_cross_cpu"
+ *   and "client_cpu"/"handler_cpu" fields follow it.
  * Exits non-zero on any error, including a page whose contents are wrong.
  *
  * Needs access to userfaultfd: root, or /dev/userfaultfd, or
@@ -52,6 +54,13 @@
 static void die(const char *what) {
     fprintf(stderr, "uffd_floor: %s: %s\n", what, strerror(errno));
     exit(1);
+}
+
+static void pin_to(long cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET((int)cpu, &set);
+    if (sched_setaffinity(0, sizeof set, &set) < 0) die("sched_setaffinity");
 }
 
 static uint64_t now_ns(void) {
@@ -193,20 +202,27 @@ static int check_page(const unsigned char *p, uint64_t index) {
 
 int main(int argc, char **argv) {
     unsigned long measured = DEFAULT_PAGES;
-    long cpu = -1;
+    long client_cpu = -1, handler_cpu = -1;
     int argi = 1;
     if (argi + 1 < argc && strcmp(argv[argi], "--cpu") == 0) {
+        const char *spec = argv[argi + 1];
         char *end;
         errno = 0;
-        cpu = strtol(argv[argi + 1], &end, 10);
-        if (errno || *end || cpu < 0 || cpu >= CPU_SETSIZE) {
-            fprintf(stderr, "uffd_floor: bad cpu '%s'\n", argv[argi + 1]);
+        client_cpu = handler_cpu = strtol(spec, &end, 10);
+        if (!errno && end != spec && *end == ',') {
+            const char *second = end + 1;
+            handler_cpu = strtol(second, &end, 10);
+            if (end == second) errno = EINVAL;
+        }
+        if (errno || end == spec || *end || client_cpu < 0 || client_cpu >= CPU_SETSIZE || handler_cpu < 0 ||
+            handler_cpu >= CPU_SETSIZE) {
+            fprintf(stderr, "uffd_floor: bad --cpu '%s' (want C or C,H)\n", spec);
             return 2;
         }
         argi += 2;
     }
     if (argc - argi > 1 || (argi < argc && argv[argi][0] == '-')) {
-        fprintf(stderr, "usage: %s [--cpu N] [pages]\n", argv[0]);
+        fprintf(stderr, "usage: %s [--cpu C[,H]] [pages]\n", argv[0]);
         return 2;
     }
     if (argi < argc) {
@@ -218,13 +234,6 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    if (cpu >= 0) {
-        /* Before fork: the handler inherits the mask. */
-        cpu_set_t set;
-        CPU_ZERO(&set);
-        CPU_SET((int)cpu, &set);
-        if (sched_setaffinity(0, sizeof set, &set) < 0) die("sched_setaffinity");
-    }
     const size_t total = WARMUP_PAGES + measured;
 
     int sv[2];
@@ -235,10 +244,12 @@ int main(int argc, char **argv) {
     pid_t child = fork();
     if (child < 0) die("fork");
     if (child == 0) {
+        if (handler_cpu >= 0) pin_to(handler_cpu);
         close(sv[0]);
         _exit(run_handler(sv[1]));
     }
     close(sv[1]);
+    if (client_cpu >= 0) pin_to(client_cpu);
 
     int memfd = memfd_create("uffd_floor", MFD_CLOEXEC);
     if (memfd < 0) die("memfd_create");
@@ -289,10 +300,13 @@ int main(int argc, char **argv) {
     double sum = 0;
     for (size_t i = 0; i < measured; i++) sum += (double)lat[i];
     qsort(lat, measured, sizeof *lat, cmp_u64);
-    char cpu_field[32] = "";
-    if (cpu >= 0) snprintf(cpu_field, sizeof cpu_field, ",\"cpu\":%ld", cpu);
-    printf("{\"name\":\"%s\"%s,\"pages\":%lu,\"p50_us\":%.2f,\"p99_us\":%.2f,\"mean_us\":%.2f}\n",
-           cpu >= 0 ? "uffd_floor_pinned" : "uffd_floor", cpu_field,
+    const char *name = "uffd_floor";
+    char cpu_fields[64] = "";
+    if (client_cpu >= 0) {
+        name = client_cpu == handler_cpu ? "uffd_floor_same_cpu" : "uffd_floor_cross_cpu";
+        snprintf(cpu_fields, sizeof cpu_fields, ",\"client_cpu\":%ld,\"handler_cpu\":%ld", client_cpu, handler_cpu);
+    }
+    printf("{\"name\":\"%s\"%s,\"pages\":%lu,\"p50_us\":%.2f,\"p99_us\":%.2f,\"mean_us\":%.2f}\n", name, cpu_fields,
            measured, (double)percentile(lat, measured, 0.50) / 1000.0,
            (double)percentile(lat, measured, 0.99) / 1000.0, sum / (double)measured / 1000.0);
     free(lat);

@@ -16,6 +16,8 @@
 #include <unistd.h>
 
 #define FP_EXPORT __attribute__((visibility("default")))
+/* Largest reply a request of ours can get: an ERROR with its text (<= 1024 bytes) or STATS. */
+#define FP_REPLY_MAX 2048
 
 struct fp_region {
     struct fp_region *next;
@@ -86,8 +88,8 @@ static int fp_connect_locked(void) {
                          path, strerror(e));
         } else if (e == EACCES || e == EPERM) {
             fp_set_error(EACCES,
-                         "farpage: permission denied on the agent socket %s. Run as a user in the "
-                         "agent's socket group (see [agent] socket_group in agent.toml).",
+                         "farpage: permission denied on the agent socket %s. Ask the operator to "
+                         "widen agent.socket_mode in agent.toml or add you to the socket's group.",
                          path);
         } else {
             fp_set_error(e, "farpage: connecting to the agent at %s failed: %s", path, strerror(e));
@@ -128,13 +130,16 @@ static int64_t fp_call_locked(uint16_t type, const void *body, uint32_t body_len
         int got_fds[4], ngot = 0, trunc = 0;
         n = fp_recv_fds(fp_sock, reply, reply_cap, got_fds, 4, &ngot, &trunc);
         for (int i = 0; i < ngot; i++) close(got_fds[i]);
+        if (n < 0 && (n == -EAGAIN || n == -EWOULDBLOCK)) {
+            /* Keep the connection: closing it would make the agent release every region of
+             * this process. A late reply is skipped by its request id. */
+            fp_set_error(ETIMEDOUT, "farpage: the agent did not answer within 30 s; is it overloaded?");
+            return -1;
+        }
         if (n <= 0) {
             int e = n == 0 ? ECONNRESET : (int)-n;
             fp_drop_connection_locked();
-            if (e == EAGAIN || e == EWOULDBLOCK)
-                fp_set_error(ETIMEDOUT, "farpage: the agent did not answer within 30 s");
-            else
-                fp_set_error(ECONNRESET, "farpage: lost the connection to the agent (%s)", strerror(e));
+            fp_set_error(ECONNRESET, "farpage: lost the connection to the agent (%s)", strerror(e));
             return -1;
         }
         struct fpw_header rh;
@@ -282,7 +287,7 @@ FP_EXPORT void *farpage_alloc_ex(size_t size, const struct farpage_options *opti
     body.uffd_features = features;
     if (options && options->name) strncpy(body.name, options->name, sizeof(body.name) - 1);
     int fds[2] = {memfd, uffd};
-    unsigned char reply[1024];
+    unsigned char reply[FP_REPLY_MAX];
 
     pthread_mutex_lock(&fp_lock);
     int64_t n = fp_call_locked(FPW_REGISTER, &body, sizeof(body), fds, 2, reply, sizeof(reply));
@@ -344,7 +349,7 @@ FP_EXPORT int farpage_free(void *addr) {
     /* Unmap first: no thread of ours can fault on the region while the agent
      * tears it down. */
     fp_unmap((void *)r->address, r->length);
-    unsigned char reply[256];
+    unsigned char reply[FP_REPLY_MAX];
     int64_t n = fp_call_locked(FPW_UNREGISTER, &r->id, sizeof(r->id), NULL, 0, reply, sizeof(reply));
     int saved = errno;
     pthread_mutex_unlock(&fp_lock);
@@ -373,7 +378,7 @@ FP_EXPORT int farpage_advise(void *addr, size_t len, int hint) {
         return -1;
     }
     struct fpw_advise body = {r->id, (uint64_t)((uintptr_t)addr - r->address), len, (uint32_t)hint, 0};
-    unsigned char reply[256];
+    unsigned char reply[FP_REPLY_MAX];
     int64_t n = fp_call_locked(FPW_ADVISE, &body, sizeof(body), NULL, 0, reply, sizeof(reply));
     pthread_mutex_unlock(&fp_lock);
     return n < 0 ? -1 : 0;
@@ -395,7 +400,7 @@ FP_EXPORT int farpage_stats(const void *addr, struct farpage_stats *out) {
         }
         id = r->id;
     }
-    unsigned char reply[1024];
+    unsigned char reply[FP_REPLY_MAX];
     int64_t n = fp_call_locked(FPW_STATS, &id, sizeof(id), NULL, 0, reply, sizeof(reply));
     pthread_mutex_unlock(&fp_lock);
     if (n < 0) return -1;

@@ -283,7 +283,16 @@ int fp_unix_listen(const char *path, int backlog, unsigned mode) {
     int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) return -errno;
     struct stat st;
-    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path);
+    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
+        /* Replace a stale socket, never a live one: another agent may be serving it. */
+        int probe = fp_unix_connect(path);
+        if (probe >= 0) {
+            close(probe);
+            close(fd);
+            return -EADDRINUSE;
+        }
+        unlink(path);
+    }
     if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || chmod(path, mode) < 0 || listen(fd, backlog) < 0) {
         int e = errno;
         close(fd);

@@ -77,7 +77,10 @@ public final class Agent: @unchecked Sendable {
         }
         let socket: SeqPacketSocket
         do { socket = try SeqPacketSocket.listen(path: config.socket, mode: config.socketMode) } catch {
-            throw AgentStartError("cannot listen on \(config.socket): \(error); is another agent running, or is the directory read-only?")
+            if error.errno == EADDRINUSE {
+                throw AgentStartError("another agent is already serving \(config.socket); stop it first (systemctl stop farpaged-agent) or choose another agent.socket")
+            }
+            throw AgentStartError("cannot listen on \(config.socket): \(error); is the directory writable?")
         }
         do {
             try evictor.start()

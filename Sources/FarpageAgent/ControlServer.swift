@@ -132,7 +132,7 @@ final class ControlServer: @unchecked Sendable {
                 return
             }
             if !handle(packet, on: c) {
-                close(c, reason: "protocol violation")
+                close(c, reason: "client closed the connection or violated the protocol")
                 return
             }
         }
@@ -160,7 +160,11 @@ final class ControlServer: @unchecked Sendable {
         }
         let reply: Reply
         switch request {
-        case .register(let r): reply = register(r, descriptors: packet.descriptors, on: c)
+        case .register(let r):
+            reply = register(r, descriptors: packet.descriptors, on: c)
+            if case .error(_, _, let message) = reply {
+                logger.notice("registration refused", metadata: ["fp.pid": "\(c.peer.pid)", "fp.reason": "\(message)"])
+            }
         case .unregister(let id):
             if c.regions.remove(id) != nil {
                 agent.removeRegion(id: id, reason: "freed by the client")
@@ -216,7 +220,8 @@ final class ControlServer: @unchecked Sendable {
         let bytes = (try? encoder.encode(value)).map(Array.init) ?? Array("{}".utf8)
         var offset = 0
         repeat {
-            let end = min(bytes.count, offset + Wire.jsonChunk)
+            var end = min(bytes.count, offset + Wire.jsonChunk)
+            while end < bytes.count, end > offset, bytes[end] & 0xC0 == 0x80 { end -= 1 }  // not inside a UTF-8 sequence
             let chunk = String(decoding: bytes[offset..<end], as: UTF8.self)
             if !send(.json(text: chunk, more: end < bytes.count), requestID: requestID, on: c) { return false }
             offset = end

@@ -15,8 +15,8 @@ public final class OwnedDescriptor: @unchecked Sendable {
     /// `readlink(/proc/self/fd/N)`: what the descriptor refers to, e.g. `/memfd:x (deleted)` or `anon_inode:[userfaultfd]`.
     public func linkTarget() throws(KernelError) -> String {
         var buffer = [CChar](repeating: 0, count: 256)
-        _ = try check(fp_fd_link(rawValue, &buffer, buffer.count), "readlink(/proc/self/fd)")
-        return String(cString: buffer)
+        let n = try check(fp_fd_link(rawValue, &buffer, buffer.count), "readlink(/proc/self/fd)")
+        return String(decoding: buffer.prefix(Int(n)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 }
 

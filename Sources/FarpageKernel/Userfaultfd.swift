@@ -169,9 +169,17 @@ public final class Userfaultfd: @unchecked Sendable {
     }
 
     /// `UFFDIO_POISON`: the range raises SIGBUS on access (a page whose data is lost).
+    ///
+    /// A page that was write-protected and then punched keeps a uffd-wp marker in the client's
+    /// page table, and `UFFDIO_POISON` refuses such an entry with EEXIST; the marker is
+    /// cleared by un-protecting the range first.
     public func poison(address: UInt64, length: UInt64) throws(KernelError) {
-        let r = fp_uffd_poison(rawValue, address, length, 0)
-        if r == -17 || r == -2 || r == -3 { return }
+        var r = fp_uffd_poison(rawValue, address, length, 0)
+        if r == -17 {
+            _ = fp_uffd_writeprotect(rawValue, address, length, FP_UFFD_WP_MODE_DONTWAKE)
+            r = fp_uffd_poison(rawValue, address, length, 0)
+        }
+        if r == -2 || r == -3 { return }  // the client is gone
         _ = try check64(r, "UFFDIO_POISON")
     }
 

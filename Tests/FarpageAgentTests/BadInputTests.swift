@@ -1,0 +1,225 @@
+import CFarpageClient
+import CFarpageKernel
+import FarpageKernel
+import FarpageProtocol
+import Foundation
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Test 5: every kind of bad input gets a clear error, and the agent keeps serving others.
+@Suite("Bad input", .serialized)
+struct BadInputTests {
+    let agent: AgentProcess
+    init() throws { agent = try AgentProcess() }
+
+    /// A region made by hand, the way libfarpage does it, so each piece can be broken on purpose.
+    struct HandMadeRegion {
+        let memfd: Int32
+        let uffd: Int32
+        let address: UInt64
+        let length: UInt64
+        var features: UInt64
+
+        init(pages: Int = 16, seal: Bool = true) throws {
+            length = UInt64(pages * systemPageSize)
+            memfd = fp_memfd_create("bad-input-test", 1)
+            try #require(memfd >= 0)
+            try #require(fp_ftruncate(memfd, length) == 0)
+            if seal { try #require(fp_add_seals(memfd, FP_SEAL_SHRINK | FP_SEAL_GROW) == 0) }
+            var err: Int32 = 0
+            let p = try #require(fp_map_shared(memfd, length, &err))
+            _ = fp_madvise_dontfork(p, length)
+            address = UInt64(UInt(bitPattern: p))
+            var via: Int32 = 0
+            uffd = fp_uffd_open(1, &via)
+            try #require(uffd >= 0)
+            features = 0
+            var ioctls: UInt64 = 0
+            try #require(fp_uffd_api(uffd, FP_UFFD_FEATURE_MISSING_SHMEM | FP_UFFD_FEATURE_WP_HUGETLBFS_SHMEM, &features, &ioctls) == 0)
+            try #require(fp_uffd_register(uffd, address, length, FP_UFFD_REGISTER_MISSING | FP_UFFD_REGISTER_WP, &ioctls) == 0)
+        }
+
+        func request(length: UInt64? = nil, address: UInt64? = nil, pageSize: UInt32 = UInt32(systemPageSize)) -> Request {
+            .register(RegisterRequest(address: address ?? self.address, length: length ?? self.length,
+                                      pageSize: pageSize, uffdFeatures: features, name: "bad"))
+        }
+
+        func close() {
+            _ = fp_unmap(UnsafeMutableRawPointer(bitPattern: UInt(address)), length)
+            _ = fp_close(uffd)
+            _ = fp_close(memfd)
+        }
+    }
+
+    func connect() throws -> SeqPacketSocket {
+        let s = try SeqPacketSocket.connect(path: agent.socket)
+        s.setReceiveTimeout(milliseconds: 5000)
+        return s
+    }
+
+    /// Sends raw bytes (and descriptors) and returns the reply, or nil when the agent closed without one.
+    func exchange(_ s: SeqPacketSocket, _ bytes: [UInt8], _ fds: [Int32] = []) throws -> Reply? {
+        try s.send(bytes, descriptors: fds)
+        guard let p = try s.receive(maxBytes: Wire.maxMessage), !p.bytes.isEmpty else { return nil }
+        return try Wire.decodeReply(p.bytes).1
+    }
+
+    func expectError(_ reply: Reply?, errno expected: Int32, containing text: String,
+                     sourceLocation: SourceLocation = #_sourceLocation) {
+        guard case .error(let e, _, let message) = reply else {
+            Issue.record("expected an ERROR reply, got \(String(describing: reply))", sourceLocation: sourceLocation)
+            return
+        }
+        #expect(e == expected, "errno \(e), message: \(message)", sourceLocation: sourceLocation)
+        #expect(message.contains(text), "message was: \(message)", sourceLocation: sourceLocation)
+    }
+
+    /// After each bad input: the same agent still pings, and a real client still works.
+    func expectStillServing() throws {
+        #expect(agent.process.isRunning, "the agent died: \(agent.logText.suffix(2000))")
+        let s = try connect()
+        #expect(try exchange(s, Wire.encode(.ping, requestID: 9)) == .ok(0, 0))
+    }
+
+    @Test func garbageAndTruncatedMessagesAreRejectedAndTheConnectionClosed() throws {
+        var rng = SplitMix(state: 99)
+        let garbage = (0..<100).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        let s1 = try connect()
+        expectError(try exchange(s1, garbage), errno: EPROTO, containing: "bad magic")
+        #expect(try s1.receive(maxBytes: 64)?.bytes.isEmpty == true, "connection should be closed after garbage")
+
+        let s2 = try connect()
+        expectError(try exchange(s2, [0x46, 0x50, 0x47]), errno: EPROTO, containing: "shorter than the 16-byte header")
+
+        var truncated = Wire.encode(.stats(regionID: 1), requestID: 3)
+        truncated.removeLast(4)  // header still claims the full length
+        let s3 = try connect()
+        expectError(try exchange(s3, truncated), errno: EPROTO, containing: "does not match")
+
+        var wrongVersion = Wire.encode(.ping, requestID: 4)
+        wrongVersion[4] = 9
+        let s4 = try connect()
+        expectError(try exchange(s4, wrongVersion), errno: EPROTO, containing: "version 9")
+
+        // Known header, wrong body size: an error, but the connection stays usable.
+        let s5 = try connect()
+        let shortRegister = Wire.message(.register, requestID: 5, body: [1, 2, 3])
+        expectError(try exchange(s5, shortRegister), errno: EPROTO, containing: "REGISTER body must be 64 bytes")
+        #expect(try exchange(s5, Wire.encode(.ping, requestID: 6)) == .ok(0, 0))
+        let unknownType = Wire.message(.ping, requestID: 5, body: []).enumerated().map { $0.offset == 6 ? 0x7F : $0.element }
+        expectError(try exchange(s5, unknownType), errno: EPROTO, containing: "unknown message type")
+
+        let s6 = try connect()
+        let oversized = [UInt8](repeating: 0x41, count: Wire.maxMessage + 100)
+        expectError(try exchange(s6, oversized), errno: EMSGSIZE, containing: "exceed")
+        try expectStillServing()
+    }
+
+    @Test func descriptorsThatAreNotAMemfdOrAUserfaultfdAreRefused() throws {
+        let region = try HandMadeRegion()
+        defer { region.close() }
+        var pipeFDs: [Int32] = [0, 0]
+        #expect(pipe(&pipeFDs) == 0)
+        defer { close(pipeFDs[0]); close(pipeFDs[1]) }
+        let devNull = open("/dev/null", O_RDWR)
+        defer { close(devNull) }
+        let s = try connect()
+        let register = Wire.encode(region.request(), requestID: 1)
+        expectError(try exchange(s, register, [pipeFDs[0], region.uffd]), errno: EBADF, containing: "not a memfd")
+        expectError(try exchange(s, register, [region.memfd, devNull]), errno: EBADF, containing: "not a userfaultfd")
+        expectError(try exchange(s, register, [region.memfd]), errno: EBADF, containing: "exactly 2 descriptors")
+        expectError(try exchange(s, register, []), errno: EBADF, containing: "exactly 2 descriptors")
+        expectError(try exchange(s, Wire.encode(.ping, requestID: 2), [devNull]), errno: EBADF, containing: "only with REGISTER")
+        // The connection survived all of that: a correct registration on it works.
+        guard case .ok(let id, _) = try exchange(s, register, [region.memfd, region.uffd]) else {
+            Issue.record("a valid registration failed after bad ones")
+            return
+        }
+        #expect(try exchange(s, Wire.encode(.unregister(regionID: id), requestID: 3)) == .ok(id, 0))
+        try expectStillServing()
+    }
+
+    @Test func badLayoutsAreRefusedWithTheReason() throws {
+        let region = try HandMadeRegion()
+        defer { region.close() }
+        let fds = [region.memfd, region.uffd]
+        let s = try connect()
+        expectError(try exchange(s, Wire.encode(region.request(length: region.length - 100), requestID: 1), fds),
+                    errno: EINVAL, containing: "not a positive multiple of the page size")
+        expectError(try exchange(s, Wire.encode(region.request(address: region.address + 8), requestID: 2), fds),
+                    errno: EINVAL, containing: "not page aligned")
+        expectError(try exchange(s, Wire.encode(region.request(pageSize: 2 << 20), requestID: 3), fds),
+                    errno: EINVAL, containing: "page size")
+        expectError(try exchange(s, Wire.encode(region.request(length: region.length * 4), requestID: 4), fds),
+                    errno: EINVAL, containing: "memfd is smaller")
+        expectError(try exchange(s, Wire.encode(region.request(length: 4 << 40), requestID: 5), fds),
+                    errno: ENOMEM, containing: "max_region_size")
+        expectError(try exchange(s, Wire.encode(region.request(address: UInt64.max - 4095), requestID: 6), fds),
+                    errno: EINVAL, containing: "overflows")
+        let unsealed = try HandMadeRegion(seal: false)
+        defer { unsealed.close() }
+        expectError(try exchange(s, Wire.encode(unsealed.request(), requestID: 7), [unsealed.memfd, unsealed.uffd]),
+                    errno: EINVAL, containing: "F_SEAL_SHRINK")
+        try expectStillServing()
+    }
+
+    @Test func overlappingRegionsOfOneProcessAreRefused() throws {
+        let region = try HandMadeRegion()
+        defer { region.close() }
+        let s = try connect()
+        let register = Wire.encode(region.request(), requestID: 1)
+        guard case .ok(let id, _) = try exchange(s, register, [region.memfd, region.uffd]) else {
+            Issue.record("first registration failed")
+            return
+        }
+        let second = try connect()
+        expectError(try exchange(second, Wire.encode(region.request(), requestID: 2), [region.memfd, region.uffd]),
+                    errno: EEXIST, containing: "overlaps region \(id)")
+        // Another connection cannot free or inspect it either.
+        expectError(try exchange(second, Wire.encode(.unregister(regionID: id), requestID: 3)), errno: ENOENT,
+                    containing: "not registered on this connection")
+        #expect(try exchange(s, Wire.encode(.unregister(regionID: id), requestID: 4)) == .ok(id, 0))
+        try expectStillServing()
+    }
+
+    @Test func aClientThatDisconnectsMidRegistrationLeavesNothingBehind() throws {
+        let region = try HandMadeRegion()
+        defer { region.close() }
+        let before = try agent.status().regions
+        do {
+            let s = try connect()
+            try s.send(Wire.encode(region.request(), requestID: 1), descriptors: [region.memfd, region.uffd])
+            // Gone before reading the reply.
+        }
+        // Wait until the agent has seen the registration and the disconnect.
+        let deadline = Date().addingTimeInterval(5)
+        while Date() < deadline, !agent.logText.contains("fp.name=bad") || !agent.logText.contains("region released") {
+            usleep(10_000)
+        }
+        let log = agent.logText
+        #expect(log.contains("fp.name=bad"), "the registration never reached the agent")
+        #expect(log.contains("region released"), "the half-registered region was never released")
+        #expect(try agent.status().regions == before, "a half-registered region was left behind")
+        try expectStillServing()
+    }
+
+    @Test func theClientLibraryReportsAnUnreachableAgentClearly() throws {
+        let dir = FileManager.default.temporaryDirectory.path
+        let path = dir + "/farpage-no-agent-\(getpid()).sock"
+        let child = Process()
+        child.executableURL = URL(fileURLWithPath: binary("fp-workload"))
+        child.arguments = ["--socket", path, "--size", "1MiB"]
+        let err = Pipe()
+        child.standardError = err
+        child.standardOutput = Pipe()
+        try child.run()
+        child.waitUntilExit()
+        let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(child.terminationStatus != 0)
+        #expect(text.contains("cannot reach the farpaged agent at \(path)"), "stderr: \(text)")
+        #expect(text.contains("Start it"))
+    }
+}
