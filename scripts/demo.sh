@@ -34,7 +34,8 @@ for _ in $(seq 100); do [ -S "$work/agent.sock" ] && break; sleep 0.1; done
 echo "== workload: 256 MiB region, 64 MiB resident budget (4x), 2 threads, 3 passes of write + verify"
 "$bin/fp-workload" --socket "$work/agent.sock" --size 256MiB --budget 64MiB --threads 2 --passes 3 --name demo --hold 0.5 &
 wl=$!
-sleep 0.3
+sleep 2
+echo "== farpagectl regions (mid-run)"
 "$bin/farpagectl" regions --socket "$work/agent.sock" || true
 wait $wl
 echo "== agent status"

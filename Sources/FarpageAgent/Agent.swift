@@ -28,6 +28,8 @@ public final class Agent: @unchecked Sendable {
     let nextRegionID = Atomic<UInt64>(1)
     let shuttingDown = Atomic<Bool>(false)
     let startedAt = monotonicNanoseconds()
+    /// Counters of regions already released, so totals cover the agent's whole life.
+    let retired = Mutex(StatsSnapshot())
     private var control: ControlServer?
 
     /// Probes the kernel and builds the agent; nothing runs until `start()`.
@@ -150,6 +152,7 @@ public final class Agent: @unchecked Sendable {
         region.close()
         faults.remove(regionID: id)
         let s = region.snapshot()
+        retired.withLock { $0 = $0 + s }
         logger.info(
             "region released",
             metadata: [
@@ -176,7 +179,7 @@ public final class Agent: @unchecked Sendable {
 
     func status(clients: Int) -> AgentStatus {
         let regions = allRegions()
-        let totals = regions.reduce(StatsSnapshot()) { $0 + $1.snapshot() }
+        let totals = regions.reduce(retired.withLock { $0 }) { $0 + $1.snapshot() }
         return AgentStatus(
             version: Self.version, pid: getpid(),
             uptimeSeconds: Double(monotonicNanoseconds() - startedAt) / 1e9, socket: config.socket,

@@ -500,16 +500,7 @@ extension Region {
         }
     }
 
-    /// Calls `body(start, count)` for each run of consecutive pages in sorted `pages`.
-    func forEachRun(_ pages: [Int], _ body: (Int, Int) -> Void) {
-        var i = 0
-        while i < pages.count {
-            var j = i + 1
-            while j < pages.count, pages[j] == pages[j - 1] + 1 { j += 1 }
-            body(pages[i], j - i)
-            i = j
-        }
-    }
+    func forEachRun(_ pages: [Int], _ body: (Int, Int) -> Void) { FarpagePaging.forEachRun(pages, body) }
 }
 
 // MARK: - Advice
@@ -603,5 +594,17 @@ extension Array where Element == Int {
             if self[mid] < x { lo = mid + 1 } else { hi = mid }
         }
         return lo < count && self[lo] == x
+    }
+}
+
+/// Calls `body(start, count)` for each run of consecutive pages in sorted `pages`
+/// (one ioctl or syscall per run instead of one per page).
+func forEachRun(_ pages: [Int], _ body: (Int, Int) -> Void) {
+    var i = 0
+    while i < pages.count {
+        var j = i + 1
+        while j < pages.count, pages[j] == pages[j - 1] + 1 { j += 1 }
+        body(pages[i], j - i)
+        i = j
     }
 }

@@ -50,6 +50,12 @@ func decode<T: Decodable>(_ type: T.Type, _ data: Data) throws -> T {
     return try d.decode(type, from: data)
 }
 
+/// Pads to a column width (left-aligned, or right-aligned for numbers).
+func column(_ s: String, _ width: Int, right: Bool = false) -> String {
+    let pad = String(repeating: " ", count: max(0, width - s.count))
+    return right ? pad + s : s + pad
+}
+
 func bytes(_ n: UInt64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"]
     var v = Double(n)
@@ -80,7 +86,8 @@ struct Status: ParsableCommand {
         print("far tier        \(s.store.kind): \(bytes(s.store.usedPages * page)) used of \(bytes(s.store.capacityPages * page))")
         print("regions         \(s.regions) from \(s.clients) client connection(s); bookkeeping \(bytes(UInt64(s.bookkeepingBytes)))")
         print("fault threads   \(s.faultThreads)")
-        for key in s.totals.keys.sorted() { print(String(format: "%-22@ %llu", key as NSString, s.totals[key]!)) }
+        print("since start:")
+        for key in s.totals.keys.sorted() { print("  " + column(key, 22) + column("\(s.totals[key]!)", 12, right: true)) }
     }
 }
 
@@ -100,11 +107,17 @@ struct Regions: ParsableCommand {
             return
         }
         let page = UInt64(systemPageSize)
-        print(String(format: "%-6@ %-16@ %-8@ %-6@ %10@ %10@ %10@ %10@ %10@", "ID", "NAME", "PID", "UID", "SIZE", "BUDGET", "RESIDENT", "FAR", "FAULTS"))
+        let widths = [6, 16, 8, 6, 11, 11, 11, 11, 10, 10]
+        func row(_ cells: [String]) {
+            print(zip(cells, widths).enumerated().map { i, cw in column(cw.0, cw.1, right: i >= 4) }.joined(separator: " "))
+        }
+        row(["ID", "NAME", "PID", "UID", "SIZE", "BUDGET", "RESIDENT", "FAR", "FAULTS", "EVICTIONS"])
         for r in regions {
-            print(String(format: "%-6@ %-16@ %-8@ %-6@ %10@ %10@ %10@ %10@ %10@",
-                         "\(r.id)", r.name, "\(r.pid)", "\(r.uid)", bytes(r.sizeBytes), bytes(UInt64(r.budgetPages) * page),
-                         bytes(r.residentPages * page), bytes(r.farPages * page), "\(r.counters["missing_faults"] ?? 0)"))
+            row([
+                "\(r.id)", r.name, "\(r.pid)", "\(r.uid)", bytes(r.sizeBytes), bytes(UInt64(r.budgetPages) * page),
+                bytes(r.residentPages * page), bytes(r.farPages * page), "\(r.counters["missing_faults"] ?? 0)",
+                "\(r.counters["evictions"] ?? 0)",
+            ])
         }
     }
 }

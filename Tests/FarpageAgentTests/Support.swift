@@ -47,7 +47,7 @@ final class AgentProcess: @unchecked Sendable {
         process = Process()
         process.executableURL = URL(fileURLWithPath: binary("farpaged"))
         process.arguments = ["agent", "--config", directory + "/agent.toml"]
-        FileManager.default.createFile(atPath: log, contents: nil)
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
         // Never inherit the test runner's stdout: a lingering agent would keep its pipe open.
         process.standardError = FileHandle(forWritingAtPath: log)
         process.standardOutput = FileHandle.nullDevice

@@ -1,0 +1,60 @@
+import Testing
+
+@testable import FarpageAgent
+
+@Suite struct ConfigTests {
+    @Test func theCommentedReferenceConfigIsValidAndMatchesTheDefaults() throws {
+        let path = #filePath.components(separatedBy: "/Tests/")[0] + "/config/agent.toml"
+        let c = try AgentConfig.load(path: path)
+        #expect(c == AgentConfig())
+    }
+
+    @Test func sizesDurationsAndFractionsParse() throws {
+        let c = try AgentConfig.parse("""
+            [agent]
+            resident_budget = "3GiB"
+            region_budget = 1048576
+            high_watermark = 0.95
+            low_watermark = 0.5
+            shutdown_grace = "500ms"
+            [store]
+            capacity = "1TiB"
+            """)
+        #expect(c.residentBudget == 3 << 30)
+        #expect(c.regionBudget == 1 << 20)
+        #expect(c.highWatermark == 0.95 && c.lowWatermark == 0.5)
+        #expect(c.shutdownGraceSeconds == 0.5)
+        #expect(c.storeCapacity == 1 << 40)
+    }
+
+    @Test(arguments: [
+        ("[agent]\nresident_budget = \"lots\"", "agent.resident_budget", "4GiB"),
+        ("[agent]\nhigh_watermark = 1.5", "agent.high_watermark", "fraction"),
+        ("[agent]\nhigh_watermark = 0.5\nlow_watermark = 0.6", "agent.low_watermark", "below high_watermark"),
+        ("[agent]\nsocket = \"relative.sock\"", "agent.socket", "absolute path"),
+        ("[agent]\nsocket_mode = \"rw\"", "agent.socket_mode", "octal"),
+        ("[agent]\nfault_threads = -1", "agent.fault_threads", "integer"),
+        ("[agent]\nbudget = \"1GiB\"", "agent.budget", "valid keys"),
+        ("[agnet]\nsocket = \"/x\"", "agnet", "unknown section"),
+        ("[store]\nkind = \"nvme\"", "store.kind", "memory"),
+        ("[log]\nlevel = \"loud\"", "log.level", "one of"),
+        ("[agent\nsocket = 1", "config", "not valid TOML at line"),
+    ])
+    func badConfigNamesTheKeyAndTheFix(_ text: String, _ key: String, _ hint: String) {
+        #expect {
+            try AgentConfig.parse(text)
+        } throws: { error in
+            guard let e = error as? ConfigError else { return false }
+            return e.key == key && e.description.contains(hint)
+        }
+    }
+
+    @Test func sizeParser() {
+        #expect(parseSize("64MiB") == 64 << 20)
+        #expect(parseSize("4096") == 4096)
+        #expect(parseSize("2 GiB") == 2 << 30)
+        #expect(parseSize("0") == nil)
+        #expect(parseSize("-1GiB") == nil)
+        #expect(parseSize("99999999999TiB") == nil)
+    }
+}
