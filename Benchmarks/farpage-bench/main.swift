@@ -39,6 +39,9 @@ struct FarpageBench: ParsableCommand {
     @Option(help: "Faults timed while eviction runs.")
     var evictingFaults: Int = 20000
 
+    @Option(help: "Suffix for the JSON line names, e.g. same_cpu (names the CPU placement of the run).")
+    var label: String = ""
+
     @Flag(help: "Print only the JSON lines, no table.")
     var jsonOnly = false
 
@@ -54,6 +57,7 @@ struct FarpageBench: ParsableCommand {
     func run() throws {
         // The client library reads FARPAGE_SOCKET on its first connection.
         setenv("FARPAGE_SOCKET", socket, 1)
+        benchLabel = label
         var bench = Bench(jsonOnly: jsonOnly)
 
         // Bookkeeping first: the agent's heap is fresh, so memory freed by the store
@@ -486,10 +490,13 @@ struct Latency {
     var summary: String { "\(fixed(us(50))) / \(fixed(us(99))) / \(fixed(meanUs)) us  (n=\(count))" }
 }
 
+/// Appended to every JSON line name (set once from --label before any measurement).
+nonisolated(unsafe) var benchLabel = ""
+
 /// One flat JSON object with a fixed key order; values are numbers or plain strings.
 struct JSONLine {
     private var parts: [String]
-    init(name: String) { parts = ["\"name\":\"\(name)\""] }
+    init(name: String) { parts = ["\"name\":\"\(name)\(benchLabel.isEmpty ? "" : "_" + benchLabel)\""] }
     mutating func add(_ key: String, _ value: Int) { parts.append("\"\(key)\":\(value)") }
     mutating func add(_ key: String, _ value: Double, digits: Int = 2) { parts.append("\"\(key)\":\(fixed(value, digits))") }
     var text: String { "{" + parts.joined(separator: ",") + "}" }

@@ -65,7 +65,7 @@ public final class Agent: @unchecked Sendable {
         do {
             faults = try FaultService(threads: config.effectiveFaultThreads, evictor: evictor,
                                       stagingPages: max(p.sequentialWindow, 1), evictBatch: config.evictBatch,
-                                      logger: logger)
+                                      spinMicroseconds: config.faultSpinMicroseconds, logger: logger)
         } catch { throw AgentStartError("cannot create fault threads: \(error)") }
     }
 

@@ -15,6 +15,7 @@ public struct AgentConfig: Sendable, Equatable {
     public var highWatermark = 0.90
     public var lowWatermark = 0.70
     public var evictBatch = 64
+    public var faultSpinMicroseconds = 50
     public var shutdownGraceSeconds = 10.0
     public var storeKind = "memory"
     public var storeCapacity: UInt64 = 16 << 30
@@ -40,7 +41,7 @@ extension AgentConfig {
     static let knownKeys: [String: Set<String>] = [
         "agent": [
             "socket", "socket_mode", "fault_threads", "resident_budget", "region_budget", "max_region_size",
-            "max_regions", "high_watermark", "low_watermark", "evict_batch", "shutdown_grace",
+            "max_regions", "high_watermark", "low_watermark", "evict_batch", "shutdown_grace", "fault_spin_us",
         ],
         "store": ["kind", "capacity"],
         "log": ["level"],
@@ -104,6 +105,7 @@ extension AgentConfig {
         c.highWatermark = try fraction(agent, "high_watermark", "agent.high_watermark", c.highWatermark)
         c.lowWatermark = try fraction(agent, "low_watermark", "agent.low_watermark", c.lowWatermark)
         c.evictBatch = try integer(agent, "evict_batch", "agent.evict_batch", 1...4096, c.evictBatch)
+        c.faultSpinMicroseconds = try integer(agent, "fault_spin_us", "agent.fault_spin_us", 0...10_000, c.faultSpinMicroseconds)
         if let v = agent?["shutdown_grace"] {
             guard let s = v.string, let seconds = parseDuration(s) else {
                 throw ConfigError(key: "agent.shutdown_grace", problem: "must be a duration string",
