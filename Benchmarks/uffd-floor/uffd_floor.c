@@ -7,7 +7,9 @@
  * but the handler does nothing except install one 4 KiB page with
  * UFFDIO_COPY from a static buffer. No page table, no tiers, no eviction.
  *
- * Usage: uffd_floor [--cpu C[,H]] [pages]     (measured pages, default 20000)
+ * Usage: uffd_floor [--spin] [--cpu C[,H]] [pages]     (measured pages, default 20000)
+ *   --spin     the handler busy-polls its userfaultfd instead of sleeping in poll(2):
+ *              the floor for a handler that never pays a wake-up (the name gets "_spin").
  *   --cpu C    pin client and handler to CPU C;
  *   --cpu C,H  pin the client to CPU C and the handler to CPU H.
  *   Placement matters more than anything else here. On VMs whose idle vCPUs
@@ -130,6 +132,8 @@ static void recv_fds(int sock, int *fd0, int *fd1) {
  * carries the page index in its first 8 bytes, so the client can tell a page
  * installed at the wrong address from the right one. Returns when the client
  * closes its end of the socket (or exits). */
+static int spin_handler; /* --spin */
+
 static int run_handler(int sock) {
     int memfd, uffd;
     recv_fds(sock, &memfd, &uffd);
@@ -143,10 +147,12 @@ static int run_handler(int sock) {
 
     struct pollfd pfd[2] = {{.fd = uffd, .events = POLLIN}, {.fd = sock, .events = POLLIN}};
     for (;;) {
-        if (poll(pfd, 2, -1) < 0) {
+        int ready = poll(pfd, 2, spin_handler ? 0 : -1);
+        if (ready < 0) {
             if (errno == EINTR) continue;
             die("poll");
         }
+        if (ready == 0) continue;
         if (pfd[1].revents) return 0; /* client done: EOF or hangup */
         if (!(pfd[0].revents & POLLIN)) continue;
 
@@ -204,6 +210,10 @@ int main(int argc, char **argv) {
     unsigned long measured = DEFAULT_PAGES;
     long client_cpu = -1, handler_cpu = -1;
     int argi = 1;
+    if (argi < argc && strcmp(argv[argi], "--spin") == 0) {
+        spin_handler = 1;
+        argi++;
+    }
     if (argi + 1 < argc && strcmp(argv[argi], "--cpu") == 0) {
         const char *spec = argv[argi + 1];
         char *end;
@@ -222,7 +232,7 @@ int main(int argc, char **argv) {
         argi += 2;
     }
     if (argc - argi > 1 || (argi < argc && argv[argi][0] == '-')) {
-        fprintf(stderr, "usage: %s [--cpu C[,H]] [pages]\n", argv[0]);
+        fprintf(stderr, "usage: %s [--spin] [--cpu C[,H]] [pages]\n", argv[0]);
         return 2;
     }
     if (argi < argc) {
@@ -300,10 +310,13 @@ int main(int argc, char **argv) {
     double sum = 0;
     for (size_t i = 0; i < measured; i++) sum += (double)lat[i];
     qsort(lat, measured, sizeof *lat, cmp_u64);
-    const char *name = "uffd_floor";
+    const char *name = spin_handler ? "uffd_floor_spin" : "uffd_floor";
     char cpu_fields[64] = "";
     if (client_cpu >= 0) {
-        name = client_cpu == handler_cpu ? "uffd_floor_same_cpu" : "uffd_floor_cross_cpu";
+        if (spin_handler)
+            name = client_cpu == handler_cpu ? "uffd_floor_spin_same_cpu" : "uffd_floor_spin_cross_cpu";
+        else
+            name = client_cpu == handler_cpu ? "uffd_floor_same_cpu" : "uffd_floor_cross_cpu";
         snprintf(cpu_fields, sizeof cpu_fields, ",\"client_cpu\":%ld,\"handler_cpu\":%ld", client_cpu, handler_cpu);
     }
     printf("{\"name\":\"%s\"%s,\"pages\":%lu,\"p50_us\":%.2f,\"p99_us\":%.2f,\"mean_us\":%.2f}\n", name, cpu_fields,

@@ -276,9 +276,9 @@ final class ControlServer: @unchecked Sendable {
                          "the userfaultfd was opened without \(UffdFeatures.required.subtracting(features).names.joined(separator: ", "))")
         }
         let seals = (try? Memfd.seals(memfd)) ?? []
-        guard seals.contains(.shrink) else {
+        guard seals.isSuperset(of: [.shrink, .grow]) else {
             return error(EINVAL, .invalidArgument,
-                         "the memfd must be sealed with F_SEAL_SHRINK so it cannot shrink under the agent")
+                         "the memfd must be sealed with F_SEAL_SHRINK and F_SEAL_GROW so its size cannot change under the agent")
         }
         guard let size = try? Memfd.size(memfd), size >= r.length else {
             return error(EINVAL, .invalidArgument, "the memfd is smaller than the region (\(r.length) bytes)")
