@@ -174,6 +174,7 @@ public final class Agent: @unchecked Sendable {
             "wp_faults": s.writeProtectFaults, "evictions": s.evictions, "writebacks": s.writebacks,
             "clean_evictions": s.cleanEvictions, "zero_evictions": s.zeroEvictions,
             "cancelled_evictions": s.cancelledEvictions, "prefetched_pages": s.prefetchedPages,
+            "lost_pages": s.lostPages, "foreign_pages": s.foreignPages,
         ]
     }
 

@@ -37,6 +37,7 @@ final class ControlServer: @unchecked Sendable {
     private var connections: [UInt64: Connection] = [:]
     private var nextConnection: UInt64 = 16
     let staging: StagingBuffer
+    let evictStaging: StagingBuffer
 
     init(agent: Agent, socket: SeqPacketSocket, logger: Logger) throws(KernelError) {
         self.agent = agent
@@ -45,6 +46,7 @@ final class ControlServer: @unchecked Sendable {
         epoll = try Epoll()
         wake = try EventSignal()
         staging = try StagingBuffer(pages: 1)
+        evictStaging = try StagingBuffer(pages: agent.config.evictBatch)
         try epoll.add(wake.descriptor.rawValue, token: Self.wakeToken)
         try epoll.add(listener.rawValue, token: Self.listenToken)
     }
@@ -322,7 +324,10 @@ final class ControlServer: @unchecked Sendable {
             first = (a.offset + page - 1) / page
             last = (a.offset + a.length) / page
         }
-        if last > first { region.advise(firstPage: Int(first), count: Int(last - first), hint: hint, staging: staging) }
+        if last > first {
+            region.advise(firstPage: Int(first), count: Int(last - first), hint: hint, staging: staging,
+                          evictStaging: evictStaging)
+        }
         return .ok(0, 0)
     }
 }

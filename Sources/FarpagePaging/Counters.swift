@@ -40,6 +40,9 @@ public struct StatsSnapshot: Sendable, Codable, Equatable {
     public var cancelledEvictions: UInt64 = 0
     public var prefetchedPages: UInt64 = 0
     public var regions: UInt64 = 0
+    /// Not in `struct farpage_stats` (reported in JSON only).
+    public var lostPages: UInt64 = 0
+    public var foreignPages: UInt64 = 0
 
     public init() {}
 
@@ -70,6 +73,8 @@ public struct StatsSnapshot: Sendable, Codable, Equatable {
         s.cancelledEvictions = a.cancelledEvictions + b.cancelledEvictions
         s.prefetchedPages = a.prefetchedPages + b.prefetchedPages
         s.regions = a.regions + b.regions
+        s.lostPages = a.lostPages + b.lostPages
+        s.foreignPages = a.foreignPages + b.foreignPages
         return s
     }
 }

@@ -139,6 +139,8 @@ public final class Region: @unchecked Sendable {
         s.zeroEvictions = counters.zeroEvictions.value
         s.cancelledEvictions = counters.cancelledEvictions.value
         s.prefetchedPages = counters.prefetchedPages.value
+        s.lostPages = counters.lostPages.value
+        s.foreignPages = counters.foreignPages.value
         s.regions = 1
         return s
     }
@@ -283,7 +285,8 @@ extension Region {
         let window = min(policy.sequentialWindow, staging.pages, pageCount - page - 1)
         guard window > 0 else { return }
         for next in (page + 1)...(page + window) {
-            if residentPages >= highPages { return }  // never let prefetch push out the working set
+            // Never let prefetch push the working set out: stop at the budget, without direct reclaim.
+            if residentPages >= budgetPages - 1 { return }
             let action = core.withLock { c -> FaultAction? in
                 let state = c.table[next].state
                 guard state == .far || state == .untouched else { return nil }
@@ -516,7 +519,7 @@ public enum AdviceHint: UInt32, Sendable {
 
 extension Region {
     /// Applies a hint to pages [first, first+count). Runs on the control thread.
-    public func advise(firstPage: Int, count: Int, hint: AdviceHint, staging: StagingBuffer) {
+    public func advise(firstPage: Int, count: Int, hint: AdviceHint, staging: StagingBuffer, evictStaging: StagingBuffer) {
         let range = firstPage..<(firstPage + count)
         switch hint {
         case .normal, .random:
@@ -527,9 +530,11 @@ extension Region {
                 if c.sequential.count < 64 { c.sequential.append(range) }
             }
         case .willNeed:
-            // Bring far pages back, clean, while the region stays under its high watermark.
-            for page in range {
-                if residentPages >= highPages || isClosed { break }
+            // Bring far pages back, clean, making room by evicting the coldest pages. At most
+            // the low watermark's worth: more would evict the range's own first pages.
+            for page in range.prefix(max(1, lowPages)) {
+                if isClosed { break }
+                if residentPages >= budgetPages - 1, evict(maxPages: policy.evictBatch, staging: evictStaging) == 0 { break }
                 let action = core.withLock { c -> FaultAction? in
                     guard c.table[page].state == .far else { return nil }
                     return PageTransitions.missingFault(&c.table[page])
@@ -549,17 +554,32 @@ extension Region {
         case .dontNeed:
             var release: [PageLocation] = []
             var punch: [Int] = []
-            core.withLock { c in
-                for page in range {
-                    var e = c.table[page]
-                    let wasFar = e.state == .far
-                    guard let (location, needsPunch) = PageTransitions.drop(&e) else { continue }
-                    if let location { release.append(location) }
-                    if needsPunch { punch.append(page) }
-                    if wasFar { c.far -= 1 }
-                    c.table[page] = e
+            var pending = Array(range)
+            // Pages in flight (being evicted, punched or installed) finish within microseconds;
+            // retry them so that the whole range reads as zeros afterwards.
+            for attempt in 0..<1000 where !pending.isEmpty {
+                if attempt > 0 { usleep(100) }
+                pending = core.withLock { c in
+                    var busy: [Int] = []
+                    for page in pending {
+                        var e = c.table[page]
+                        let wasFar = e.state == .far
+                        guard let (location, needsPunch) = PageTransitions.drop(&e) else {
+                            busy.append(page)
+                            continue
+                        }
+                        if let location { release.append(location) }
+                        if needsPunch { punch.append(page) }
+                        if wasFar { c.far -= 1 }
+                        c.table[page] = e
+                    }
+                    return busy
                 }
             }
+            if !pending.isEmpty {
+                logger.warning("DONTNEED left pages that stayed in flight", metadata: ["fp.pages": "\(pending.count)"])
+            }
+            punch.sort()
             store.release(release)
             forEachRun(punch) { start, n in
                 try? Memfd.punchHole(memfd, offset: UInt64(start * spec.pageSize), length: UInt64(n * spec.pageSize))

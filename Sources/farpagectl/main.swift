@@ -24,7 +24,9 @@ struct Connection: ParsableArguments {
     func fetchJSON(_ request: Request) throws -> Data {
         let socket: SeqPacketSocket
         do { socket = try SeqPacketSocket.connect(path: path) } catch {
-            throw CleanExit.message("farpagectl: cannot reach the agent at \(path): \(error). Is farpaged running? (systemctl status farpaged-agent)")
+            FileHandle.standardError.write(
+                Data("farpagectl: cannot reach the agent at \(path): \(error). Is farpaged running? (systemctl status farpaged-agent)\n".utf8))
+            throw ExitCode(69)  // EX_UNAVAILABLE
         }
         socket.setReceiveTimeout(milliseconds: 10_000)
         try socket.send(Wire.encode(request, requestID: 1))

@@ -152,7 +152,7 @@ struct PagingCorrectnessTests {
                 if n % 512 == 0 {
                     var s = farpage_stats()
                     _ = farpage_stats(hot, &s)
-                    if s.cancelled_evictions >= 20 && n > 100_000 { break }
+                    if s.cancelled_evictions >= 20 && s.evictions >= 2000 && n > 100_000 { break }
                 }
             }
             counts.withLock { $0[t] = n }
