@@ -7,7 +7,7 @@ CC ?= cc
 PREFIX ?= /usr/local
 RELEASE := .build/release
 DEBUG := .build/debug
-DEB_PACKAGES := liburing-dev libibverbs-dev librdmacm-dev pkg-config util-linux
+DEB_PACKAGES := liburing-dev libibverbs-dev librdmacm-dev libxxhash-dev pkg-config util-linux
 CFLAGS_LIB := -O2 -g -Wall -Wextra -Werror -fPIC -fvisibility=hidden -D_GNU_SOURCE \
 	-ISources/CFarpageClient/include -ISources/CFarpageKernel/include
 LIB_SOURCES := Sources/CFarpageClient/farpage.c Sources/CFarpageKernel/fp_kernel.c

@@ -20,12 +20,33 @@ let package = Package(
         .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.6.0"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.70.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.0"),
     ],
     targets: [
         // Layer 1: the only code that sees kernel structs and ioctl numbers. Returns >= 0 or -errno.
         .target(name: "CFarpageKernel", cSettings: cGNU),
         // Layer 2: typed Swift wrappers (Errno, Userfaultfd, Memfd, sockets, epoll).
         .target(name: "FarpageKernel", dependencies: ["CFarpageKernel"], swiftSettings: strict),
+        // Page checksums (XXH3 from Debian's libxxhash-dev, inlined).
+        .target(name: "CFarpageChecksum"),
+        // The memory-server protocol and its authentication (shared by memserver and agent).
+        .target(
+            name: "FarpageTransport",
+            dependencies: ["CFarpageChecksum", .product(name: "Crypto", package: "swift-crypto")],
+            swiftSettings: strict),
+        // The memory server: lends DRAM as leases to agents over TCP.
+        .target(
+            name: "FarpageMemserver",
+            dependencies: [
+                "FarpageTransport", "FarpageKernel", "CFarpageChecksum",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "TOMLKit", package: "TOMLKit"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strict),
         // Wire format of the agent's control socket (shared by agent, CLI, tests).
         .target(name: "FarpageProtocol", swiftSettings: strict),
         // Far tiers behind the PageStore interface.
@@ -50,7 +71,8 @@ let package = Package(
         .executableTarget(
             name: "farpaged",
             dependencies: [
-                "FarpageAgent", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                "FarpageAgent", "FarpageMemserver",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
@@ -75,7 +97,10 @@ let package = Package(
             path: "Benchmarks/farpage-bench",
             swiftSettings: strict),
         .testTarget(name: "FarpageKernelTests", dependencies: ["FarpageKernel", "CFarpageKernel"]),
-        .testTarget(name: "FarpageProtocolTests", dependencies: ["FarpageProtocol"]),
+        .testTarget(name: "FarpageProtocolTests", dependencies: ["FarpageProtocol", "FarpageTransport"]),
+        .testTarget(
+            name: "FarpageMemserverTests",
+            dependencies: ["FarpageMemserver", "FarpageTransport", "FarpageKernel", "CFarpageChecksum"]),
         .testTarget(name: "FarpagePagingTests", dependencies: ["FarpagePaging", "FarpageTiers"]),
         .testTarget(
             name: "FarpageAgentTests",

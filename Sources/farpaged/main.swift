@@ -1,6 +1,8 @@
 import ArgumentParser
 import FarpageAgent
 import FarpageKernel
+import FarpageMemserver
+import FarpageTransport
 import Foundation
 import Logging
 import ServiceLifecycle
@@ -9,9 +11,9 @@ import ServiceLifecycle
 struct Farpaged: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "farpaged",
-        abstract: "Farpage daemons: the paging agent (and, in later releases, the memory server).",
+        abstract: "Farpage daemons: the paging agent and the memory server.",
         version: Agent.version,
-        subcommands: [AgentCommand.self])
+        subcommands: [AgentCommand.self, MemserverCommand.self])
 }
 
 struct AgentCommand: AsyncParsableCommand {
@@ -74,5 +76,86 @@ struct AgentCommand: AsyncParsableCommand {
             logger.critical("agent failed: \(error)")
             throw ExitCode(1)
         }
+    }
+}
+
+struct MemserverCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "memserver",
+        abstract: "Lend this host's spare DRAM to agents, as leases, over TCP.")
+
+    @Option(name: .long, help: "Configuration file (TOML).")
+    var config: String?
+
+    @Option(name: .long, help: "Address to listen on, HOST:PORT (overrides memserver.listen).")
+    var listen: String?
+
+    @Option(name: .long, help: "Memory to lend, e.g. 16GiB (overrides memserver.capacity).")
+    var capacity: String?
+
+    @Option(name: .long, help: "File holding the cluster secret (overrides memserver.secret_file).")
+    var secretFile: String?
+
+    @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String?
+
+    func run() async throws {
+        var cfg = MemserverConfig()
+        do {
+            if let config { cfg = try MemserverConfig.load(path: config) }
+            if let listen {
+                guard let (host, port) = parseListen(listen) else {
+                    throw MemserverConfigError(key: "--listen", problem: "must be HOST:PORT", fix: "e.g. --listen 0.0.0.0:7201")
+                }
+                (cfg.host, cfg.port) = (host, port)
+            }
+            if let capacity {
+                guard let n = parseSizeArgument(capacity) else {
+                    throw MemserverConfigError(key: "--capacity", problem: "is not a size", fix: "e.g. --capacity 16GiB")
+                }
+                cfg.capacityBytes = n
+            }
+            if let secretFile { cfg.secretFile = secretFile }
+            try cfg.validate()
+        } catch {
+            FileHandle.standardError.write(Data("farpaged: \(error)\n".utf8))
+            throw ExitCode(78)
+        }
+        if let logLevel, let level = Logger.Level(rawValue: logLevel.lowercased()) { cfg.logLevel = level }
+        let level = cfg.logLevel
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        let logger = Logger(label: "farpaged.memserver")
+        let secret: ClusterSecret
+        do { secret = try ClusterSecret.load(path: cfg.secretFile) } catch {
+            FileHandle.standardError.write(Data("farpaged: \(error)\n".utf8))
+            throw ExitCode(78)
+        }
+        let server = Memserver(config: cfg, secret: secret, logger: logger)
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: MemserverService(server: server))], gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger))
+        do { try await group.run() } catch {
+            logger.critical("memserver failed: \(error)")
+            throw ExitCode(1)
+        }
+    }
+}
+
+/// Sizes on the command line: 4096, 64MiB, 16GiB.
+func parseSizeArgument(_ s: String) -> UInt64? {
+    let digits = s.prefix { $0.isNumber }
+    guard let n = UInt64(digits), n > 0 else { return nil }
+    switch s.dropFirst(digits.count).lowercased() {
+    case "", "b": return n
+    case "k", "kib", "kb": return n << 10
+    case "m", "mib", "mb": return n << 20
+    case "g", "gib", "gb": return n << 30
+    case "t", "tib", "tb": return n << 40
+    default: return nil
     }
 }

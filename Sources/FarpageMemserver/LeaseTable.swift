@@ -1,0 +1,191 @@
+import CFarpageChecksum
+import FarpageKernel
+import FarpageTransport
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An authenticated agent's identity (its 16-byte id from HELLO).
+public struct AgentID: Hashable, Sendable, CustomStringConvertible {
+    public let bytes: [UInt8]
+    public init(_ bytes: [UInt8]) { self.bytes = bytes }
+    public var description: String { bytes.prefix(8).map { String($0, radix: 16).leftPadded(2) }.joined() }
+}
+
+extension String {
+    func leftPadded(_ n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
+}
+
+/// Why a lease operation was refused (sent back as an ERROR, the connection stays open).
+public struct LeaseError: Error, Sendable, Equatable {
+    public let code: MemErrorCode
+    public let message: String
+}
+
+/// The memory a server lends: slabs of `leaseBytes`, each with one checksum per page.
+///
+/// Slabs are mapped lazily (`MAP_NORESERVE`: memory is used only when written) and zeroed
+/// (`MADV_DONTNEED`) before they are lent again. Data operations take a shared lock, lease
+/// allocation and release an exclusive one, so a slab is never reused while a copy into or
+/// out of it is running.
+public final class LeaseTable: @unchecked Sendable {
+    public let leaseBytes: Int
+    public let capacityLeases: Int
+    public let pageSize = MemWire.pageSize
+    let pagesPerLease: Int
+    private var rwlock = pthread_rwlock_t()
+
+    struct Lease {
+        let owner: AgentID
+        let base: UnsafeMutableRawPointer
+    }
+    // Guarded by rwlock.
+    private var leases: [UInt64: Lease] = [:]
+    private var spare: [UnsafeMutableRawPointer] = []
+    private var nextID: UInt64 = 1
+    private var mappedSlabs = 0
+
+    public init(capacityBytes: UInt64, leaseBytes: Int) {
+        self.leaseBytes = leaseBytes
+        self.pagesPerLease = leaseBytes / MemWire.pageSize
+        self.capacityLeases = Int(capacityBytes / UInt64(leaseBytes))
+        pthread_rwlock_init(&rwlock, nil)
+    }
+
+    deinit {
+        for l in leases.values { AnonymousMemory.unmap(l.base, bytes: UInt64(slabBytes)) }
+        for s in spare { AnonymousMemory.unmap(s, bytes: UInt64(slabBytes)) }
+        pthread_rwlock_destroy(&rwlock)
+    }
+
+    /// Data, then one checksum per page.
+    private var slabBytes: Int { leaseBytes + pagesPerLease * 8 }
+    @inline(__always) private func checksums(_ base: UnsafeMutableRawPointer) -> UnsafeMutablePointer<UInt64> {
+        (base + leaseBytes).assumingMemoryBound(to: UInt64.self)
+    }
+
+    private func exclusive<T>(_ body: () throws(LeaseError) -> T) throws(LeaseError) -> T {
+        pthread_rwlock_wrlock(&rwlock)
+        defer { pthread_rwlock_unlock(&rwlock) }
+        return try body()
+    }
+    private func shared<T>(_ body: () throws(LeaseError) -> T) throws(LeaseError) -> T {
+        pthread_rwlock_rdlock(&rwlock)
+        defer { pthread_rwlock_unlock(&rwlock) }
+        return try body()
+    }
+
+    /// Lends up to `count` leases to `owner`; fewer (maybe none) when capacity runs out.
+    public func allocate(owner: AgentID, count: Int) -> [UInt64] {
+        (try? exclusive { () throws(LeaseError) -> [UInt64] in
+            var ids: [UInt64] = []
+            while ids.count < count, leases.count < capacityLeases {
+                let base: UnsafeMutableRawPointer
+                if let s = spare.popLast() {
+                    base = s
+                } else {
+                    guard let fresh = try? AnonymousMemory.map(bytes: UInt64(slabBytes)) else { break }
+                    mappedSlabs += 1
+                    base = fresh
+                }
+                let id = nextID
+                nextID += 1
+                leases[id] = Lease(owner: owner, base: base)
+                ids.append(id)
+            }
+            return ids
+        }) ?? []
+    }
+
+    /// Takes a lease back; its memory is zeroed (and returned to the kernel) before reuse.
+    public func free(owner: AgentID, leaseID: UInt64) throws(LeaseError) {
+        try exclusive { () throws(LeaseError) in
+            guard let l = leases[leaseID], l.owner == owner else {
+                throw LeaseError(code: .noSuchLease, message: "lease \(leaseID) is not held by this agent")
+            }
+            leases[leaseID] = nil
+            madvise(l.base, slabBytes, MADV_DONTNEED)
+            spare.append(l.base)
+        }
+    }
+
+    /// Frees every lease of an agent (its grace period ran out). Returns how many.
+    @discardableResult
+    public func freeAll(owner: AgentID) -> Int {
+        (try? exclusive { () throws(LeaseError) -> Int in
+            let mine = leases.filter { $0.value.owner == owner }
+            for (id, l) in mine {
+                leases[id] = nil
+                madvise(l.base, slabBytes, MADV_DONTNEED)
+                spare.append(l.base)
+            }
+            return mine.count
+        }) ?? 0
+    }
+
+    private func locate(_ owner: AgentID, _ leaseID: UInt64, _ offset: UInt64, _ pages: Int) throws(LeaseError)
+        -> UnsafeMutableRawPointer
+    {
+        guard let l = leases[leaseID], l.owner == owner else {
+            throw LeaseError(code: .noSuchLease, message: "lease \(leaseID) is not held by this agent")
+        }
+        guard offset % UInt64(pageSize) == 0, offset < UInt64(leaseBytes),
+            UInt64(pages * pageSize) <= UInt64(leaseBytes) - offset
+        else {
+            throw LeaseError(code: .outOfBounds, message: "offset \(offset) + \(pages) pages is outside the \(leaseBytes)-byte lease")
+        }
+        return l.base
+    }
+
+    /// Copies pages out with their stored checksums.
+    public func read(owner: AgentID, leaseID: UInt64, offset: UInt64, pages: Int) throws(LeaseError) -> ([UInt64], [UInt8]) {
+        try shared { () throws(LeaseError) -> ([UInt64], [UInt8]) in
+            let base = try locate(owner, leaseID, offset, pages)
+            let first = Int(offset) / pageSize
+            let sums = Array(UnsafeBufferPointer(start: checksums(base) + first, count: pages))
+            let data = [UInt8](unsafeUninitializedCapacity: pages * pageSize) { buffer, count in
+                memcpy(buffer.baseAddress!, base + Int(offset), pages * pageSize)
+                count = pages * pageSize
+            }
+            return (sums, data)
+        }
+    }
+
+    /// Stores pages after checking each against its checksum: corruption on the wire is refused, not kept.
+    public func write(owner: AgentID, leaseID: UInt64, offset: UInt64, checksums sums: [UInt64], data: [UInt8])
+        throws(LeaseError)
+    {
+        let pages = sums.count
+        var computed = [UInt64](repeating: 0, count: pages)
+        data.withUnsafeBytes { fp_checksum_pages($0.baseAddress, pageSize, pages, &computed) }
+        for i in 0..<pages where computed[i] != sums[i] {
+            throw LeaseError(code: .corrupt, message: "page \(i) of the write does not match its checksum; nothing was stored")
+        }
+        try shared { () throws(LeaseError) in
+            let base = try locate(owner, leaseID, offset, pages)
+            let first = Int(offset) / pageSize
+            data.withUnsafeBytes { memcpy(base + Int(offset), $0.baseAddress!, pages * pageSize) }
+            for i in 0..<pages { checksums(base)[first + i] = sums[i] }
+        }
+    }
+
+    public struct Usage: Sendable {
+        public let leases: Int
+        public let capacityLeases: Int
+        public let owners: Int
+        public let mappedSlabs: Int
+    }
+
+    public var usage: Usage {
+        (try? shared { () throws(LeaseError) -> Usage in
+            Usage(leases: leases.count, capacityLeases: capacityLeases, owners: Set(leases.values.map(\.owner)).count,
+                  mappedSlabs: mappedSlabs)
+        }) ?? Usage(leases: 0, capacityLeases: capacityLeases, owners: 0, mappedSlabs: 0)
+    }
+
+    public func leaseCount(owner: AgentID) -> Int {
+        (try? shared { () throws(LeaseError) -> Int in leases.values.filter { $0.owner == owner }.count }) ?? 0
+    }
+}

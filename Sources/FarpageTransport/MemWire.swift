@@ -1,0 +1,350 @@
+/// The memory-server protocol, version 1 (docs/memserver-protocol.md).
+///
+/// TCP, little-endian frames: header { magic u32 'FPM1', version u16, type u16,
+/// request_id u64, body_length u32, reserved u32 } (24 bytes), then the body. Requests are
+/// pipelined: replies carry the request id and may come back in any order. Unsolicited
+/// server messages (RECLAIM) carry request id 0.
+public enum MemWire {
+    public static let magic: UInt32 = 0x314D_5046  // "FPM1"
+    public static let version: UInt16 = 1
+    public static let headerSize = 24
+    public static let pageSize = 4096
+    /// Most pages one READ or WRITE may move.
+    public static let maxPagesPerIO = 256
+    /// Largest body any message may have; a peer claiming more is cut off before it is buffered.
+    public static let maxBody = 16 + 8 * maxPagesPerIO + pageSize * maxPagesPerIO + 64
+    public static let nonceSize = 32
+    public static let agentIDSize = 16
+    public static let macSize = 32
+    public static let maxName = 64
+    public static let maxErrorText = 1024
+}
+
+public enum MemMessageType: UInt16, Sendable {
+    case hello = 1
+    case auth = 2
+    case leaseAlloc = 3
+    case leaseFree = 4
+    case read = 5
+    case write = 6
+    case ping = 7
+    case ok = 0x80
+    case challenge = 0x81
+    case authOK = 0x82
+    case leases = 0x83
+    case data = 0x85
+    case pong = 0x87
+    case reclaim = 0x88
+    case error = 0x8F
+}
+
+public struct MemHeader: Equatable, Sendable {
+    public var type: MemMessageType
+    public var requestID: UInt64
+    public var bodyLength: Int
+    public init(type: MemMessageType, requestID: UInt64, bodyLength: Int) {
+        self.type = type
+        self.requestID = requestID
+        self.bodyLength = bodyLength
+    }
+}
+
+/// A malformed frame. Always fatal for the connection (the stream cannot be resynchronised).
+public struct MemWireError: Error, CustomStringConvertible, Equatable, Sendable {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// Error codes carried by ERROR replies.
+public enum MemErrorCode: UInt32, Sendable {
+    case malformed = 1
+    case unauthenticated = 2
+    case authenticationFailed = 3
+    case noCapacity = 4
+    case noSuchLease = 5
+    case outOfBounds = 6
+    case corrupt = 7
+    case shuttingDown = 8
+}
+
+/// Server counters in a PONG.
+public struct MemServerStats: Equatable, Sendable {
+    public var capacityBytes: UInt64
+    public var usedBytes: UInt64
+    public var leaseBytes: UInt64
+    public var leasesHeld: UInt32
+    public var agents: UInt32
+    public var reclaiming: UInt32
+    public init(capacityBytes: UInt64, usedBytes: UInt64, leaseBytes: UInt64, leasesHeld: UInt32, agents: UInt32,
+                reclaiming: UInt32)
+    {
+        self.capacityBytes = capacityBytes
+        self.usedBytes = usedBytes
+        self.leaseBytes = leaseBytes
+        self.leasesHeld = leasesHeld
+        self.agents = agents
+        self.reclaiming = reclaiming
+    }
+}
+
+public enum MemRequest: Equatable, Sendable {
+    case hello(agentID: [UInt8], nonce: [UInt8], name: String)
+    case auth(mac: [UInt8])
+    case leaseAlloc(count: UInt32)
+    case leaseFree(leaseID: UInt64)
+    case read(leaseID: UInt64, offset: UInt64, pages: Int)
+    /// `data` holds `pages` pages; `checksums` one XXH3-64 per page.
+    case write(leaseID: UInt64, offset: UInt64, checksums: [UInt64], data: [UInt8])
+    case ping
+}
+
+public enum MemReply: Equatable, Sendable {
+    case ok
+    case challenge(nonce: [UInt8], serverID: [UInt8])
+    case authOK(mac: [UInt8], leaseBytes: UInt64, capacityBytes: UInt64)
+    case leases([UInt64])
+    case data(checksums: [UInt64], data: [UInt8])
+    case pong(MemServerStats)
+    case reclaim(leases: [UInt64])
+    case error(code: UInt32, message: String)
+}
+
+// MARK: - Codec
+
+struct ByteReader {
+    let bytes: [UInt8]
+    var offset = 0
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+    var remaining: Int { bytes.count - offset }
+    mutating func need(_ n: Int, _ what: String) throws(MemWireError) {
+        guard remaining >= n else { throw MemWireError("\(what): body too short") }
+    }
+    mutating func u16() -> UInt16 {
+        defer { offset += 2 }
+        return UInt16(bytes[offset]) | UInt16(bytes[offset + 1]) << 8
+    }
+    mutating func u32() -> UInt32 {
+        var v: UInt32 = 0
+        for i in 0..<4 { v |= UInt32(bytes[offset + i]) << (8 * i) }
+        offset += 4
+        return v
+    }
+    mutating func u64() -> UInt64 {
+        var v: UInt64 = 0
+        for i in 0..<8 { v |= UInt64(bytes[offset + i]) << (8 * i) }
+        offset += 8
+        return v
+    }
+    mutating func raw(_ n: Int) -> [UInt8] {
+        defer { offset += n }
+        return Array(bytes[offset..<(offset + n)])
+    }
+}
+
+struct ByteWriter {
+    var bytes: [UInt8] = []
+    init(capacity: Int = 0) { bytes.reserveCapacity(capacity) }
+    mutating func u16(_ v: UInt16) { for i in 0..<2 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) } }
+    mutating func u32(_ v: UInt32) { for i in 0..<4 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) } }
+    mutating func u64(_ v: UInt64) { for i in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) } }
+}
+
+extension MemWire {
+    /// A whole frame: header and body.
+    public static func frame(_ type: MemMessageType, requestID: UInt64, body: [UInt8]) -> [UInt8] {
+        var w = ByteWriter(capacity: headerSize + body.count)
+        w.u32(magic)
+        w.u16(version)
+        w.u16(type.rawValue)
+        w.u64(requestID)
+        w.u32(UInt32(body.count))
+        w.u32(0)
+        w.bytes += body
+        return w.bytes
+    }
+
+    /// Validates a header (exactly `headerSize` bytes) before its body is read, so a peer
+    /// cannot make us buffer more than `maxBody`.
+    public static func decodeHeader(_ bytes: [UInt8]) throws(MemWireError) -> MemHeader {
+        guard bytes.count == headerSize else { throw MemWireError("header must be \(headerSize) bytes") }
+        var r = ByteReader(bytes)
+        let m = r.u32()
+        let v = r.u16()
+        let t = r.u16()
+        let id = r.u64()
+        let length = Int(r.u32())
+        guard m == magic else { throw MemWireError("bad magic 0x\(String(m, radix: 16)) (not a farpage agent?)") }
+        guard v == version else { throw MemWireError("protocol version \(v) is not supported (this side speaks \(version))") }
+        guard let type = MemMessageType(rawValue: t) else { throw MemWireError("unknown message type \(t)") }
+        guard length <= maxBody else { throw MemWireError("body of \(length) bytes exceeds the \(maxBody)-byte limit") }
+        return MemHeader(type: type, requestID: id, bodyLength: length)
+    }
+
+    public static func encode(_ request: MemRequest, requestID: UInt64) -> [UInt8] {
+        var w = ByteWriter()
+        let type: MemMessageType
+        switch request {
+        case .hello(let agentID, let nonce, let name):
+            type = .hello
+            w.bytes += agentID
+            w.bytes += nonce
+            let n = Array(name.utf8.prefix(maxName))
+            w.u16(UInt16(n.count))
+            w.bytes += n
+        case .auth(let mac):
+            type = .auth
+            w.bytes += mac
+        case .leaseAlloc(let count):
+            type = .leaseAlloc
+            w.u32(count)
+        case .leaseFree(let id):
+            type = .leaseFree
+            w.u64(id)
+        case .read(let id, let offset, let pages):
+            type = .read
+            w.u64(id)
+            w.u64(offset)
+            w.u32(UInt32(pages))
+        case .write(let id, let offset, let checksums, let data):
+            type = .write
+            w = ByteWriter(capacity: 20 + checksums.count * 8 + data.count)
+            w.u64(id)
+            w.u64(offset)
+            w.u32(UInt32(checksums.count))
+            for c in checksums { w.u64(c) }
+            w.bytes += data
+        case .ping: type = .ping
+        }
+        return frame(type, requestID: requestID, body: w.bytes)
+    }
+
+    public static func decodeRequest(_ type: MemMessageType, body: [UInt8]) throws(MemWireError) -> MemRequest {
+        var r = ByteReader(body)
+        func exact(_ n: Int, _ what: String) throws(MemWireError) {
+            guard body.count == n else { throw MemWireError("\(what) body must be \(n) bytes, got \(body.count)") }
+        }
+        switch type {
+        case .hello:
+            try r.need(agentIDSize + nonceSize + 2, "HELLO")
+            let id = r.raw(agentIDSize)
+            let nonce = r.raw(nonceSize)
+            let n = Int(r.u16())
+            guard n <= maxName, r.remaining == n else { throw MemWireError("HELLO: bad name length \(n)") }
+            return .hello(agentID: id, nonce: nonce, name: String(decoding: r.raw(n), as: UTF8.self))
+        case .auth:
+            try exact(macSize, "AUTH")
+            return .auth(mac: r.raw(macSize))
+        case .leaseAlloc:
+            try exact(4, "LEASE_ALLOC")
+            return .leaseAlloc(count: r.u32())
+        case .leaseFree:
+            try exact(8, "LEASE_FREE")
+            return .leaseFree(leaseID: r.u64())
+        case .read:
+            try exact(20, "READ")
+            let id = r.u64()
+            let offset = r.u64()
+            let pages = Int(r.u32())
+            guard pages >= 1, pages <= maxPagesPerIO else { throw MemWireError("READ of \(pages) pages (1...\(maxPagesPerIO))") }
+            return .read(leaseID: id, offset: offset, pages: pages)
+        case .write:
+            try r.need(20, "WRITE")
+            let id = r.u64()
+            let offset = r.u64()
+            let pages = Int(r.u32())
+            guard pages >= 1, pages <= maxPagesPerIO else { throw MemWireError("WRITE of \(pages) pages (1...\(maxPagesPerIO))") }
+            guard r.remaining == pages * (8 + pageSize) else {
+                throw MemWireError("WRITE of \(pages) pages needs \(pages * (8 + pageSize)) bytes after its header, got \(r.remaining)")
+            }
+            let checksums = (0..<pages).map { _ in r.u64() }
+            return .write(leaseID: id, offset: offset, checksums: checksums, data: r.raw(pages * pageSize))
+        case .ping:
+            try exact(0, "PING")
+            return .ping
+        default:
+            throw MemWireError("message type \(type.rawValue) is not a request")
+        }
+    }
+
+    public static func encode(_ reply: MemReply, requestID: UInt64) -> [UInt8] {
+        var w = ByteWriter()
+        let type: MemMessageType
+        switch reply {
+        case .ok: type = .ok
+        case .challenge(let nonce, let serverID):
+            type = .challenge
+            w.bytes += nonce
+            w.bytes += serverID
+        case .authOK(let mac, let leaseBytes, let capacity):
+            type = .authOK
+            w.bytes += mac
+            w.u64(leaseBytes)
+            w.u64(capacity)
+        case .leases(let ids):
+            type = .leases
+            w.u32(UInt32(ids.count))
+            for id in ids { w.u64(id) }
+        case .data(let checksums, let data):
+            type = .data
+            w = ByteWriter(capacity: 4 + checksums.count * 8 + data.count)
+            w.u32(UInt32(checksums.count))
+            for c in checksums { w.u64(c) }
+            w.bytes += data
+        case .pong(let s):
+            type = .pong
+            w.u64(s.capacityBytes)
+            w.u64(s.usedBytes)
+            w.u64(s.leaseBytes)
+            w.u32(s.leasesHeld)
+            w.u32(s.agents)
+            w.u32(s.reclaiming)
+        case .reclaim(let ids):
+            type = .reclaim
+            w.u32(UInt32(ids.count))
+            for id in ids { w.u64(id) }
+        case .error(let code, let message):
+            type = .error
+            w.u32(code)
+            w.bytes += Array(message.utf8.prefix(maxErrorText))
+        }
+        return frame(type, requestID: requestID, body: w.bytes)
+    }
+
+    public static func decodeReply(_ type: MemMessageType, body: [UInt8]) throws(MemWireError) -> MemReply {
+        var r = ByteReader(body)
+        switch type {
+        case .ok:
+            guard body.isEmpty else { throw MemWireError("OK with a body") }
+            return .ok
+        case .challenge:
+            guard body.count == nonceSize + agentIDSize else { throw MemWireError("malformed CHALLENGE") }
+            return .challenge(nonce: r.raw(nonceSize), serverID: r.raw(agentIDSize))
+        case .authOK:
+            guard body.count == macSize + 16 else { throw MemWireError("malformed AUTH_OK") }
+            return .authOK(mac: r.raw(macSize), leaseBytes: r.u64(), capacityBytes: r.u64())
+        case .leases, .reclaim:
+            try r.need(4, "LEASES")
+            let n = Int(r.u32())
+            guard r.remaining == n * 8 else { throw MemWireError("malformed LEASES") }
+            let ids = (0..<n).map { _ in r.u64() }
+            return type == .leases ? .leases(ids) : .reclaim(leases: ids)
+        case .data:
+            try r.need(4, "DATA")
+            let n = Int(r.u32())
+            guard n <= maxPagesPerIO, r.remaining == n * (8 + pageSize) else { throw MemWireError("malformed DATA") }
+            let checksums = (0..<n).map { _ in r.u64() }
+            return .data(checksums: checksums, data: r.raw(n * pageSize))
+        case .pong:
+            guard body.count == 36 else { throw MemWireError("malformed PONG") }
+            return .pong(MemServerStats(capacityBytes: r.u64(), usedBytes: r.u64(), leaseBytes: r.u64(),
+                                        leasesHeld: r.u32(), agents: r.u32(), reclaiming: r.u32()))
+        case .error:
+            try r.need(4, "ERROR")
+            let code = r.u32()
+            return .error(code: code, message: String(decoding: r.raw(r.remaining), as: UTF8.self))
+        default:
+            throw MemWireError("message type \(type.rawValue) is not a reply")
+        }
+    }
+}
