@@ -144,6 +144,17 @@ int fp_peer_cred(int sock, int32_t *pid, uint32_t *uid, uint32_t *gid);
 int fp_set_nonblocking(int fd, int on);
 int fp_set_recv_timeout_ms(int fd, int ms);
 
+/* ---- TCP (the agent's blocking transport to memory servers) -------------- */
+
+/* Connects to host:port (numeric or a name) within timeout_ms; the socket is blocking,
+ * close-on-exec, with TCP_NODELAY and send/receive timeouts of io_timeout_ms. */
+int fp_tcp_connect(const char *host, int port, int timeout_ms, int io_timeout_ms);
+/* Sends or receives exactly len bytes (retrying short transfers and EINTR). Returns 0,
+ * -errno, or -ECONNRESET when the peer closed. EAGAIN means the I/O timeout passed. */
+int fp_send_all(int fd, const void *buf, size_t len);
+int fp_recv_all(int fd, void *buf, size_t len);
+int fp_shutdown(int fd);
+
 /* ---- processes, polling, notification ---------------------------------- */
 
 int fp_pidfd_open(int32_t pid);

@@ -1,0 +1,124 @@
+import FarpageKernel
+
+/// Why talking to a memory server failed.
+public struct TransportError: Error, CustomStringConvertible, Sendable, Equatable {
+    public enum Kind: Sendable, Equatable {
+        /// Connection refused, reset, timed out: the server may come back.
+        case unreachable
+        /// The server refused our proof of the secret, or could not prove its own.
+        case authentication
+        /// The server answered ERROR to a request.
+        case refused(code: UInt32)
+        /// The peer broke the protocol.
+        case protocolViolation
+        /// Data did not match its checksum.
+        case corrupt
+    }
+    public let kind: Kind
+    public let message: String
+    public init(_ kind: Kind, _ message: String) {
+        self.kind = kind
+        self.message = message
+    }
+    public var description: String { message }
+}
+
+/// One authenticated connection to a memory server, used by one thread at a time.
+///
+/// Requests may be pipelined: `send` many, then `receive` their replies (matched by id).
+public final class MemserverClient: @unchecked Sendable {
+    public let host: String
+    public let port: Int
+    public let leaseBytes: UInt64
+    public let capacityBytes: UInt64
+    public let serverID: [UInt8]
+    let stream: TCPStream
+    private var nextRequestID: UInt64 = 1
+
+    /// Connects and runs the mutual HELLO/CHALLENGE/AUTH handshake.
+    public init(host: String, port: Int, agentID: [UInt8], name: String, secret: ClusterSecret,
+                ioTimeoutMilliseconds: Int32 = 10_000) throws(TransportError)
+    {
+        self.host = host
+        self.port = port
+        do {
+            stream = try TCPStream.connect(host: host, port: port, ioTimeoutMilliseconds: ioTimeoutMilliseconds)
+        } catch {
+            throw TransportError(.unreachable, "cannot connect to memory server \(host):\(port): \(error)")
+        }
+        let clientNonce = ClusterSecret.randomBytes(MemWire.nonceSize)
+        let challenge = try Self.exchange(stream, .hello(agentID: agentID, nonce: clientNonce, name: name), id: 0)
+        guard case .challenge(let serverNonce, let serverID) = challenge else {
+            throw TransportError(.protocolViolation, "\(host):\(port) did not answer HELLO with a challenge")
+        }
+        let proof = secret.agentProof(serverNonce: serverNonce, clientNonce: clientNonce, agentID: agentID)
+        let answer = try Self.exchange(stream, .auth(mac: proof), id: 0)
+        switch answer {
+        case .authOK(let mac, let leaseBytes, let capacity):
+            guard secret.verifyServerProof(mac, serverNonce: serverNonce, clientNonce: clientNonce, agentID: agentID) else {
+                throw TransportError(.authentication, "memory server \(host):\(port) could not prove it holds the cluster secret")
+            }
+            self.leaseBytes = leaseBytes
+            self.capacityBytes = capacity
+            self.serverID = serverID
+        case .error(let code, let message) where code == MemErrorCode.authenticationFailed.rawValue:
+            throw TransportError(.authentication, "memory server \(host):\(port) refused authentication: \(message)")
+        default:
+            throw TransportError(.protocolViolation, "\(host):\(port) answered AUTH with \(answer)")
+        }
+    }
+
+    private static func exchange(_ stream: TCPStream, _ request: MemRequest, id: UInt64) throws(TransportError) -> MemReply {
+        do { try stream.send(MemWire.encode(request, requestID: id)) } catch {
+            throw TransportError(.unreachable, "sending to the memory server failed: \(error)")
+        }
+        return try readReply(stream).1
+    }
+
+    static func readReply(_ stream: TCPStream) throws(TransportError) -> (UInt64, MemReply) {
+        let headerBytes: [UInt8]
+        do { headerBytes = try stream.receive(exactly: MemWire.headerSize) } catch {
+            throw TransportError(.unreachable, "reading from the memory server failed: \(error)")
+        }
+        let header: MemHeader
+        do { header = try MemWire.decodeHeader(headerBytes) } catch {
+            throw TransportError(.protocolViolation, "bad frame from the memory server: \(error)")
+        }
+        let body: [UInt8]
+        do { body = try stream.receive(exactly: header.bodyLength) } catch {
+            throw TransportError(.unreachable, "reading from the memory server failed: \(error)")
+        }
+        do { return (header.requestID, try MemWire.decodeReply(header.type, body: body)) } catch {
+            throw TransportError(.protocolViolation, "bad reply from the memory server: \(error)")
+        }
+    }
+
+    /// Sends a request without waiting; returns its id.
+    public func send(_ request: MemRequest) throws(TransportError) -> UInt64 {
+        let id = nextRequestID
+        nextRequestID += 1
+        do { try stream.send(MemWire.encode(request, requestID: id)) } catch {
+            throw TransportError(.unreachable, "sending to \(host):\(port) failed: \(error)")
+        }
+        return id
+    }
+
+    /// The next reply (of any outstanding request).
+    public func receive() throws(TransportError) -> (UInt64, MemReply) { try Self.readReply(stream) }
+
+    /// One request, one reply. ERROR replies become `TransportError.refused`.
+    public func call(_ request: MemRequest) throws(TransportError) -> MemReply {
+        let id = try send(request)
+        while true {
+            let (rid, reply) = try receive()
+            guard rid == id else { continue }
+            if case .error(let code, let message) = reply {
+                throw TransportError(code == MemErrorCode.corrupt.rawValue ? .corrupt : .refused(code: code),
+                                     "\(host):\(port): \(message)")
+            }
+            return reply
+        }
+    }
+
+    public func close() { stream.shutdown() }
+}
