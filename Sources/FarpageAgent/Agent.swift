@@ -132,12 +132,12 @@ public final class Agent: @unchecked Sendable {
 
     // MARK: Region lifecycle (called on the control thread)
 
-    func addRegion(spec: RegionSpec, uffd: Userfaultfd, memfd: OwnedDescriptor) -> Region {
+    func addRegion(spec: RegionSpec, uffd: Userfaultfd, memfd: OwnedDescriptor) throws(KernelError) -> Region {
         let id = nextRegionID.wrappingAdd(1, ordering: .relaxed).oldValue
         let region = Region(id: id, spec: spec, uffd: uffd, memfd: memfd, store: store, agentBudget: budget,
                             policy: policy, zeroPage: zeroPage, logger: logger)
+        try faults.add(region)
         registry.regions.withLock { $0[id] = region }
-        faults.add(region)
         logger.info(
             "region registered",
             metadata: [

@@ -278,9 +278,10 @@ final class ControlServer: @unchecked Sendable {
                          "the userfaultfd was opened without \(UffdFeatures.required.subtracting(features).names.joined(separator: ", "))")
         }
         let seals = (try? Memfd.seals(memfd)) ?? []
-        guard seals.isSuperset(of: [.shrink, .grow]) else {
+        // Size fixed, and no further seals: a later F_SEAL_FUTURE_WRITE would make punching fail.
+        guard seals.isSuperset(of: [.shrink, .grow, .seal]), seals.isDisjoint(with: [.write, .futureWrite]) else {
             return error(EINVAL, .invalidArgument,
-                         "the memfd must be sealed with F_SEAL_SHRINK and F_SEAL_GROW so its size cannot change under the agent")
+                         "the memfd must be sealed with F_SEAL_SHRINK, F_SEAL_GROW and F_SEAL_SEAL (and not F_SEAL_WRITE) so it cannot change under the agent")
         }
         guard let size = try? Memfd.size(memfd), size >= r.length else {
             return error(EINVAL, .invalidArgument, "the memfd is smaller than the region (\(r.length) bytes)")
@@ -299,7 +300,10 @@ final class ControlServer: @unchecked Sendable {
         let budgetPages = Int(max(page, min(requested, config.residentBudget)) / page)
         let spec = RegionSpec(address: r.address, length: r.length, pageSize: Int(page),
                               name: r.name.isEmpty ? "region" : r.name, owner: c.peer, budgetPages: budgetPages)
-        let region = agent.addRegion(spec: spec, uffd: Userfaultfd(uffdDescriptor), memfd: memfd)
+        let region: Region
+        do { region = try agent.addRegion(spec: spec, uffd: Userfaultfd(uffdDescriptor), memfd: memfd) } catch {
+            return self.error(error.errno, .kernel, "the agent cannot watch this userfaultfd: \(error)")
+        }
         c.regions.insert(region.id)
         return .ok(region.id, UInt64(region.budgetPages) * page)
     }

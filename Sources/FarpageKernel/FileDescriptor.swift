@@ -30,6 +30,7 @@ public enum Memfd {
         public static let shrink = Seals(rawValue: FP_SEAL_SHRINK)
         public static let grow = Seals(rawValue: FP_SEAL_GROW)
         public static let write = Seals(rawValue: FP_SEAL_WRITE)
+        public static let futureWrite = Seals(rawValue: 0x0010)
     }
 
     /// Creates a memfd (`memfd_create` with `MFD_CLOEXEC | MFD_ALLOW_SEALING`).

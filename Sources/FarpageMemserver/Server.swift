@@ -84,6 +84,9 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
     let server: Memserver
     var state = State.awaitingHello
     var logger: Logger
+    /// Requests read while the peer was not taking its replies: served once it drains them.
+    /// Reading stops meanwhile, so this holds at most what one socket read delivered.
+    var deferred: [(MemHeader, [UInt8])] = []
 
     init(server: Memserver, logger: Logger) {
         self.server = server
@@ -109,8 +112,14 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        // Backpressure: a slow agent stops being read until it drains its replies.
-        _ = context.channel.setOption(ChannelOptions.autoRead, value: context.channel.isWritable)
+        // Backpressure: a slow agent is not served, nor read, until it drains its replies.
+        while context.channel.isWritable, !deferred.isEmpty {
+            let (header, body) = deferred.removeFirst()
+            handle(context, header: header, body: body)
+        }
+        if context.channel.isWritable && deferred.isEmpty {
+            _ = context.channel.setOption(ChannelOptions.autoRead, value: true)
+        }
         context.fireChannelWritabilityChanged()
     }
 
@@ -129,6 +138,15 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let (header, body) = unwrapInboundIn(data)
+        if !context.channel.isWritable || !deferred.isEmpty {
+            deferred.append((header, body))
+            _ = context.channel.setOption(ChannelOptions.autoRead, value: false)
+            return
+        }
+        handle(context, header: header, body: body)
+    }
+
+    private func handle(_ context: ChannelHandlerContext, header: MemHeader, body: [UInt8]) {
         if case .closing = state { return }
         let request: MemRequest
         do { request = try MemWire.decodeRequest(header.type, body: body) } catch {

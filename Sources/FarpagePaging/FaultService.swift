@@ -64,9 +64,13 @@ public final class FaultService: @unchecked Sendable {
         }
     }
 
-    /// Starts serving `region` on the least-loaded thread.
-    public func add(_ region: Region) {
+    /// Starts serving `region` on the least-loaded thread. Throws when its uffd cannot be
+    /// watched (the registration must then fail: nobody would serve its faults).
+    public func add(_ region: Region) throws(KernelError) {
         let worker = workers.min { $0.load.load(ordering: .relaxed) < $1.load.load(ordering: .relaxed) }!
+        // epoll_ctl is thread-safe; an event before the thread learns the region is simply
+        // reported again (level-triggered) once the command is processed.
+        try worker.epoll.add(region.uffd.rawValue, token: region.id)
         worker.load.wrappingAdd(1, ordering: .relaxed)
         send(.add(region), to: worker)
     }
@@ -108,12 +112,7 @@ public final class FaultService: @unchecked Sendable {
                     for command in commands {
                         switch command {
                         case .add(let region):
-                            do {
-                                try worker.epoll.add(region.uffd.rawValue, token: region.id)
-                                regions[region.id] = region
-                            } catch {
-                                logger.error("cannot watch a region's userfaultfd", metadata: ["fp.error": "\(error)"])
-                            }
+                            regions[region.id] = region
                         case .remove(let id, let done):
                             if let region = regions.removeValue(forKey: id) {
                                 worker.epoll.remove(region.uffd.rawValue)

@@ -21,7 +21,7 @@ public enum PageState: UInt8, Sendable, CaseIterable {
 /// One page-table entry, packed in 8 bytes.
 ///
 /// Layout: bits 0–2 state, 3 dirty, 4 cancel, 5 referenced, 6 queued, 7 has-location,
-/// 8–63 far-tier location. `dirty` means the local copy differs from (or has no) far copy;
+/// 8 unprotect-pending, 16–63 far-tier location. `dirty` means the local copy differs from (or has no) far copy;
 /// a clean resident page is mapped write-protected, so its first write is seen.
 public struct PageEntry: Equatable, Sendable, CustomStringConvertible {
     public var raw: UInt64
@@ -33,6 +33,8 @@ public struct PageEntry: Equatable, Sendable, CustomStringConvertible {
     private static let referencedBit: UInt64 = 1 << 5
     private static let queuedBit: UInt64 = 1 << 6
     private static let locationBit: UInt64 = 1 << 7
+    private static let unprotectBit: UInt64 = 1 << 8
+    private static let flagsMask: UInt64 = 0xFFFF
 
     public var state: PageState {
         get { PageState(rawValue: UInt8(raw & 7))! }
@@ -61,14 +63,21 @@ public struct PageEntry: Equatable, Sendable, CustomStringConvertible {
         get { bit(Self.queuedBit) }
         set { set(Self.queuedBit, newValue) }
     }
+    /// A fault thread decided to un-protect the page and has not finished the ioctl yet.
+    /// The page must not be evicted meanwhile: the late un-protect would make it writable
+    /// while it is being copied out, and the write would be punched away.
+    public var unprotectPending: Bool {
+        get { bit(Self.unprotectBit) }
+        set { set(Self.unprotectBit, newValue) }
+    }
     /// The far-tier slot reserved for this page, if any.
     public var location: PageLocation? {
-        get { bit(Self.locationBit) ? PageLocation(raw: raw >> 8) : nil }
+        get { bit(Self.locationBit) ? PageLocation(raw: raw >> 16) : nil }
         set {
             if let newValue {
-                raw = (raw & 0xFF) | Self.locationBit | (newValue.raw << 8)
+                raw = (raw & Self.flagsMask) | Self.locationBit | (newValue.raw << 16)
             } else {
-                raw = raw & 0xFF & ~Self.locationBit
+                raw = raw & Self.flagsMask & ~Self.locationBit
             }
         }
     }
@@ -131,12 +140,14 @@ public enum PageTransitions {
         case .resident:
             e.dirty = true
             e.referenced = true
+            e.unprotectPending = true
             return .unprotect
         case .evicting:
             // Never lose a write: cancel the eviction; the page stays and is now dirty.
             e.cancel = true
             e.dirty = true
             e.referenced = true
+            e.unprotectPending = true
             return .unprotect
         case .punching, .fetching: return .drop
         case .far, .untouched, .lost: return .wake  // gone already: the writer refaults as missing
@@ -164,9 +175,14 @@ public enum PageTransitions {
         e.state = .lost
     }
 
+    /// The un-protect ioctl decided by `writeProtectFault` has returned.
+    public static func unprotected(_ e: inout PageEntry) {
+        e.unprotectPending = false
+    }
+
     /// Picks a resident page for eviction. Nil when the page cannot be evicted now.
     public static func beginEviction(_ e: inout PageEntry) -> EvictionKind? {
-        guard e.state == .resident else { return nil }
+        guard e.state == .resident, !e.unprotectPending else { return nil }
         e.state = .evicting
         e.cancel = false
         if e.dirty { return .writeBack }
@@ -195,6 +211,14 @@ public enum PageTransitions {
         e.state = .resident
     }
 
+    /// Punching the local copy failed: the page is still there, mapped write-protected, and
+    /// its far copy (if any) is valid. It goes back to resident, clean.
+    public static func punchFailed(_ e: inout PageEntry) {
+        precondition(e.state == .punching)
+        e.state = .resident
+        e.dirty = e.location == nil
+    }
+
     /// The local copy is gone.
     public static func punched(_ e: inout PageEntry) {
         precondition(e.state == .punching)
@@ -207,7 +231,13 @@ public enum PageTransitions {
     public static func drop(_ e: inout PageEntry) -> (release: PageLocation?, punch: Bool)? {
         switch e.state {
         case .untouched: return (nil, false)
-        case .far, .lost:
+        case .lost:
+            // The client's page-table entry is poisoned and only the client can clear it;
+            // the page keeps raising SIGBUS (never zeros). Its slot, if any, is freed.
+            let location = e.location
+            e.location = nil
+            return (location, false)
+        case .far:
             let location = e.location
             e.location = nil
             e.state = .untouched

@@ -180,6 +180,8 @@ extension Region {
                 } catch {
                     logger.error("unprotecting a page failed", metadata: ["fp.error": "\(error)"])
                 }
+                // Only now may the page be evicted again (see PageEntry.unprotectPending).
+                core.withLock { c in PageTransitions.unprotected(&c.table[page]) }
             case .wake: uffd.wake(address: pageAddress, length: UInt64(spec.pageSize))
             default: break
             }
@@ -237,14 +239,23 @@ extension Region {
     }
 
     /// Installs one page with `UFFDIO_COPY` and records it resident.
-    private func install(page: Int, from source: UnsafeRawPointer, writable: Bool, prefetch: Bool = false) {
-        let result: Userfaultfd.InstallResult
+    /// - Parameter wakeAfterCommit: wake the page's waiters once its state is committed. Needed
+    ///   when installing off the region's fault thread: a write-protect fault raised between the
+    ///   copy and the commit sees *fetching* and is dropped, and only this wake retries it.
+    private func install(page: Int, from source: UnsafeRawPointer, writable: Bool, prefetch: Bool = false,
+                         wakeAfterCommit: Bool = false)
+    {
+        var result: Userfaultfd.InstallResult
+        var failed = false
         do {
             result = try uffd.copy(to: address(ofPage: page), from: source, length: spec.pageSize,
                                    writeProtect: !writable)
         } catch {
+            // ENOMEM (the client's cgroup is full), EFAULT...: give the page back to its previous
+            // state and wake the faulting thread, which faults again and retries.
             logger.error("installing a page failed", metadata: ["fp.page": "\(page)", "fp.error": "\(error)"])
             result = .clientGone
+            failed = true
         }
         core.withLock { c in
             var e = c.table[page]
@@ -273,6 +284,11 @@ extension Region {
             }
             if prefetch { counters.prefetchedPages.bump() }
         case .clientGone: break
+        }
+        // UFFDIO_COPY wakes waiters only when it succeeds: after EEXIST or an error they must be
+        // woken here, or the faulting thread sleeps forever.
+        if result == .alreadyPresent || failed || wakeAfterCommit {
+            uffd.wake(address: address(ofPage: page), length: UInt64(spec.pageSize))
         }
     }
 
@@ -337,8 +353,11 @@ extension Region {
                     c.queue.push(page)
                     continue
                 }
+                guard let kind = PageTransitions.beginEviction(&e) else {
+                    c.queue.push(page)  // an un-protect is in flight: not now
+                    continue
+                }
                 e.queued = false
-                let kind = PageTransitions.beginEviction(&e)!
                 c.table[page] = e
                 victims.append((page, kind))
             }
@@ -451,16 +470,32 @@ extension Region {
         store.release(release)
 
         // 5. Punch the local copies: frees the memory and zaps the client's mapping.
+        var unpunched: [Int] = []
         forEachRun(toPunch) { start, count in
             do {
                 try Memfd.punchHole(memfd, offset: UInt64(start * spec.pageSize), length: UInt64(count * spec.pageSize))
             } catch {
-                logger.error("punching evicted pages failed", metadata: ["fp.error": "\(error)"])
+                logger.error("punching evicted pages failed; they stay resident", metadata: ["fp.error": "\(error)"])
+                unpunched += start..<(start + count)
             }
         }
         var writebacks = 0
         var cleans = 0
         var zeros = 0
+        core.withLock { c in
+            for page in unpunched {
+                var e = c.table[page]
+                PageTransitions.punchFailed(&e)
+                requeue(&c, &e, page)
+                c.table[page] = e
+            }
+        }
+        if !unpunched.isEmpty {
+            forEachRun(unpunched) { start, count in
+                uffd.wake(address: address(ofPage: start), length: UInt64(count * spec.pageSize))
+            }
+            toPunch = toPunch.filter { !unpunched.binarySearchContains($0) }
+        }
         core.withLock { c in
             for page in toPunch {
                 var e = c.table[page]
@@ -548,7 +583,7 @@ extension Region {
                         continue
                     }
                     counters.fetches.bump()
-                    install(page: page, from: staging.page(0), writable: false, prefetch: true)
+                    install(page: page, from: staging.page(0), writable: false, prefetch: true, wakeAfterCommit: true)
                 }
             }
         case .dontNeed:
@@ -581,15 +616,23 @@ extension Region {
             }
             punch.sort()
             store.release(release)
+            var unpunched: [Int] = []
             forEachRun(punch) { start, n in
-                try? Memfd.punchHole(memfd, offset: UInt64(start * spec.pageSize), length: UInt64(n * spec.pageSize))
+                do {
+                    try Memfd.punchHole(memfd, offset: UInt64(start * spec.pageSize), length: UInt64(n * spec.pageSize))
+                } catch {
+                    logger.error("DONTNEED could not drop pages; they keep their data", metadata: ["fp.error": "\(error)"])
+                    unpunched += start..<(start + n)
+                }
             }
             core.withLock { c in
-                for page in punch {
+                for page in unpunched { PageTransitions.punchFailed(&c.table[page]) }
+                for page in punch where !unpunched.contains(page) {
                     PageTransitions.punched(&c.table[page])
                     c.resident -= 1
                 }
             }
+            punch = punch.filter { !unpunched.contains($0) }
             agentBudget.add(-punch.count)
             forEachRun(punch) { start, n in uffd.wake(address: address(ofPage: start), length: UInt64(n * spec.pageSize)) }
         }

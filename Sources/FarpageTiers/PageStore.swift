@@ -1,9 +1,9 @@
 import Synchronization
 
-/// Where a far tier keeps one page: an opaque, store-defined 56-bit value.
+/// Where a far tier keeps one page: an opaque, store-defined 48-bit value.
 public struct PageLocation: Hashable, Sendable, CustomStringConvertible {
-    public static let bits = 56
-    public static let maxRaw: UInt64 = (1 << 56) - 1
+    public static let bits = 48
+    public static let maxRaw: UInt64 = (1 << 48) - 1
     public let raw: UInt64
     public init(raw: UInt64) {
         precondition(raw <= PageLocation.maxRaw, "page location out of range")

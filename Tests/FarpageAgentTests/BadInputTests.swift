@@ -28,7 +28,7 @@ struct BadInputTests {
             memfd = fp_memfd_create("bad-input-test", 1)
             try #require(memfd >= 0)
             try #require(fp_ftruncate(memfd, length) == 0)
-            if seal { try #require(fp_add_seals(memfd, FP_SEAL_SHRINK | FP_SEAL_GROW) == 0) }
+            if seal { try #require(fp_add_seals(memfd, FP_SEAL_SHRINK | FP_SEAL_GROW | FP_SEAL_SEAL) == 0) }
             var err: Int32 = 0
             let p = try #require(fp_map_shared(memfd, length, &err))
             _ = fp_madvise_dontfork(p, length)
@@ -163,6 +163,16 @@ struct BadInputTests {
         defer { unsealed.close() }
         expectError(try exchange(s, Wire.encode(unsealed.request(), requestID: 7), [unsealed.memfd, unsealed.uffd]),
                     errno: EINVAL, containing: "F_SEAL_SHRINK")
+        // Sealed against resizing but still open to new seals, or sealed against writes: a later
+        // F_SEAL_FUTURE_WRITE would make every punch fail, so both are refused.
+        let resealable = try HandMadeRegion(seal: false)
+        defer { resealable.close() }
+        #expect(fp_add_seals(resealable.memfd, FP_SEAL_SHRINK | FP_SEAL_GROW) == 0)
+        expectError(try exchange(s, Wire.encode(resealable.request(), requestID: 8), [resealable.memfd, resealable.uffd]),
+                    errno: EINVAL, containing: "F_SEAL_SEAL")
+        #expect(fp_add_seals(resealable.memfd, 0x0010 | FP_SEAL_SEAL) == 0)  // F_SEAL_FUTURE_WRITE
+        expectError(try exchange(s, Wire.encode(resealable.request(), requestID: 9), [resealable.memfd, resealable.uffd]),
+                    errno: EINVAL, containing: "F_SEAL_WRITE")
         try expectStillServing()
     }
 

@@ -51,6 +51,7 @@ import Testing
         _ = PageTransitions.beginEviction(&e)
         #expect(PageTransitions.writeProtectFault(&e) == .unprotect)
         #expect(e.cancel && e.dirty)
+        PageTransitions.unprotected(&e)  // the fault thread's ioctl returned
         // The copy-out finished after the write: it must not be punched.
         #expect(PageTransitions.copiedOut(&e, stored: slot) == false)
         #expect(e.state == .resident && e.dirty && !e.cancel)
@@ -80,6 +81,7 @@ import Testing
         PageTransitions.installed(&e, writable: false)
         #expect(PageTransitions.writeProtectFault(&e) == .unprotect)
         #expect(e.dirty && e.referenced)
+        PageTransitions.unprotected(&e)
         #expect(PageTransitions.beginEviction(&e) == .writeBack)
     }
 
@@ -146,6 +148,47 @@ import Testing
         var busy = PageEntry()
         busy.state = .evicting
         #expect(PageTransitions.drop(&busy) == nil)
+    }
+
+    /// A write-protect fault decides to un-protect, then the fault thread is delayed before the
+    /// ioctl. Until it has run, the page must not be picked for eviction: the late un-protect
+    /// would let a write land while the page is copied out, and the punch would lose it.
+    @Test func aPendingUnprotectBlocksEviction() {
+        var e = PageEntry()
+        e.state = .resident
+        e.location = slot
+        #expect(PageTransitions.writeProtectFault(&e) == .unprotect)
+        #expect(e.unprotectPending)
+        #expect(PageTransitions.beginEviction(&e) == nil)
+        #expect(e.state == .resident)
+        PageTransitions.unprotected(&e)
+        #expect(PageTransitions.beginEviction(&e) == .writeBack)
+        // The same holds for the cancel path.
+        #expect(PageTransitions.writeProtectFault(&e) == .unprotect)
+        #expect(PageTransitions.copiedOut(&e, stored: slot) == false)
+        #expect(PageTransitions.beginEviction(&e) == nil)
+        #expect(e.location == slot, "the flag must not disturb the location bits")
+    }
+
+    @Test func aFailedPunchKeepsThePageResident() {
+        var e = PageEntry()
+        e.state = .far
+        e.location = slot
+        _ = PageTransitions.missingFault(&e)
+        PageTransitions.installed(&e, writable: false)
+        _ = PageTransitions.beginEviction(&e)
+        #expect(PageTransitions.copiedOut(&e, stored: slot))
+        PageTransitions.punchFailed(&e)
+        #expect(e.state == .resident && !e.dirty && e.location == slot)
+    }
+
+    @Test func dontNeedLeavesALostPageLost() {
+        var e = PageEntry()
+        e.state = .lost
+        e.location = slot
+        let r = PageTransitions.drop(&e)
+        #expect(r?.release == slot && r?.punch == false)
+        #expect(e.state == .lost, "a poisoned page must keep raising SIGBUS, never read as zeros")
     }
 
     @Test func anAbandonedInstallRestoresTheFarCopy() {
