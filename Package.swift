@@ -51,6 +51,14 @@ let package = Package(
         .target(name: "FarpageProtocol", swiftSettings: strict),
         // Far tiers behind the PageStore interface.
         .target(name: "FarpageTiers", dependencies: ["FarpageKernel"], swiftSettings: strict),
+        // The pool: far memory on memory servers (and a local spill), behind PageStore.
+        .target(
+            name: "FarpagePool",
+            dependencies: [
+                "FarpageTiers", "FarpageTransport", "FarpageKernel", "CFarpageChecksum",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
         // The paging engine: page table, page state machine, fault service, eviction.
         .target(
             name: "FarpagePaging",
@@ -60,7 +68,7 @@ let package = Package(
         .target(
             name: "FarpageAgent",
             dependencies: [
-                "FarpageKernel", "FarpagePaging", "FarpageTiers", "FarpageProtocol",
+                "FarpageKernel", "FarpagePaging", "FarpageTiers", "FarpageProtocol", "FarpagePool", "FarpageTransport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -96,14 +104,20 @@ let package = Package(
             ],
             path: "Benchmarks/farpage-bench",
             swiftSettings: strict),
+        // Real agent and memory-server processes for the test suites.
+        .target(
+            name: "FarpageTestSupport",
+            dependencies: ["FarpageKernel", "FarpageProtocol", "FarpageTransport"]),
         .testTarget(name: "FarpageKernelTests", dependencies: ["FarpageKernel", "CFarpageKernel"]),
         .testTarget(name: "FarpageProtocolTests", dependencies: ["FarpageProtocol", "FarpageTransport"]),
         .testTarget(
             name: "FarpageMemserverTests",
-            dependencies: ["FarpageMemserver", "FarpageTransport", "FarpageKernel", "CFarpageChecksum"]),
+            dependencies: ["FarpageMemserver", "FarpageTransport", "FarpageKernel", "CFarpageChecksum", "FarpageTestSupport"]),
         .testTarget(name: "FarpagePagingTests", dependencies: ["FarpagePaging", "FarpageTiers"]),
         .testTarget(
             name: "FarpageAgentTests",
-            dependencies: ["FarpageAgent", "FarpageProtocol", "FarpageKernel", "CFarpageClient"]),
+            dependencies: [
+                "FarpageAgent", "FarpageProtocol", "FarpageKernel", "CFarpageClient", "FarpageTestSupport", "FarpageTransport",
+            ]),
     ]
 )

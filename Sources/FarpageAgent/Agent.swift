@@ -1,7 +1,9 @@
 import FarpageKernel
 import FarpagePaging
+import FarpagePool
 import FarpageProtocol
 import FarpageTiers
+import FarpageTransport
 import Foundation
 import Logging
 import Synchronization
@@ -18,7 +20,10 @@ public final class Agent: @unchecked Sendable {
     public let config: AgentConfig
     public let probe: UffdProbe
     let logger: Logger
-    let store: MemoryPageStore
+    let store: PoolStore
+    /// Configured servers not reached yet: retried on every heartbeat.
+    let pendingServers = Mutex<[String]>([])
+    private var heartbeatThread: pthread_t?
     let budget: ResidentBudget
     let policy: PagingPolicy
     let evictor: Evictor
@@ -49,7 +54,13 @@ public final class Agent: @unchecked Sendable {
         }
         self.probe = probe
         let page = UInt64(systemPageSize)
-        store = MemoryPageStore(capacityBytes: config.storeCapacity)
+        var secret: ClusterSecret? = nil
+        if let path = config.poolSecretFile {
+            do { secret = try ClusterSecret.load(path: path) } catch { throw AgentStartError("pool.secret_file: \(error)") }
+        }
+        store = PoolStore(spillBytes: config.storeCapacity, agentID: ClusterSecret.randomBytes(16),
+                          agentName: "farpaged-\(getpid())", secret: secret,
+                          ioTimeoutMilliseconds: Int32(config.poolIOTimeoutSeconds * 1000), logger: logger)
         budget = ResidentBudget(budgetPages: Int(config.residentBudget / page), highWatermark: config.highWatermark,
                                 lowWatermark: config.lowWatermark)
         var p = PagingPolicy()
@@ -84,6 +95,14 @@ public final class Agent: @unchecked Sendable {
             }
             throw AgentStartError("cannot listen on \(config.socket): \(error); is the directory writable?")
         }
+        for address in config.poolServers {
+            do { try store.attach(address: address) } catch {
+                logger.warning("memory server not reachable yet; retrying in the background",
+                               metadata: ["fp.server": "\(address)", "fp.error": "\(error)"])
+                pendingServers.withLock { $0.append(address) }
+            }
+        }
+        heartbeatThread = startThread(name: "fp-heartbeat") { [self] in heartbeatLoop() }
         do {
             try evictor.start()
             try faults.start()
@@ -124,11 +143,33 @@ public final class Agent: @unchecked Sendable {
         for region in left { region.close() }
         faults.stop()
         evictor.stop()
+        stopHeartbeat.store(true, ordering: .relaxed)
+        if let heartbeatThread { pthread_join(heartbeatThread, nil) }
         unlink(config.socket)
         logger.info("farpaged agent stopped")
     }
 
     public var regionCount: Int { registry.regions.withLock { $0.count } }
+
+    let stopHeartbeat = Atomic<Bool>(false)
+
+    /// Pings memory servers and retries configured ones that were not reachable.
+    private func heartbeatLoop() {
+        var last = monotonicNanoseconds()
+        while !stopHeartbeat.load(ordering: .relaxed) {
+            usleep(50_000)
+            let now = monotonicNanoseconds()
+            guard Double(now - last) / 1e9 >= config.poolHeartbeatSeconds else { continue }
+            last = now
+            store.heartbeat()
+            let pending = pendingServers.withLock { $0 }
+            for address in pending {
+                if (try? store.attach(address: address)) != nil {
+                    pendingServers.withLock { $0.removeAll { $0 == address } }
+                }
+            }
+        }
+    }
 
     // MARK: Region lifecycle (called on the control thread)
 
@@ -191,7 +232,15 @@ public final class Agent: @unchecked Sendable {
             store: StoreStatus(kind: store.name, capacityPages: store.capacityPages, usedPages: store.usedPages),
             regions: regions.count, clients: clients,
             bookkeepingBytes: regions.reduce(0) { $0 + $1.bookkeepingBytes },
-            totals: Self.counterDictionary(totals), shuttingDown: shuttingDown.load(ordering: .relaxed))
+            totals: Self.counterDictionary(totals), shuttingDown: shuttingDown.load(ordering: .relaxed), pool: poolReport())
+    }
+
+    func poolReport() -> [PoolServer] {
+        store.report().map {
+            PoolServer(address: $0.address, status: $0.status.rawValue, transport: $0.transport, capacityBytes: $0.capacityBytes,
+                       leaseBytes: $0.leaseBytes, leases: $0.leases, storedPages: $0.storedPages, errors: $0.errors,
+                       lastError: $0.lastError)
+        }
     }
 
     func regionReports() -> [RegionReport] {

@@ -19,6 +19,11 @@ public struct AgentConfig: Sendable, Equatable {
     public var shutdownGraceSeconds = 10.0
     public var storeKind = "memory"
     public var storeCapacity: UInt64 = 16 << 30
+    /// Memory servers to attach at start ("HOST:PORT").
+    public var poolServers: [String] = []
+    public var poolSecretFile: String? = nil
+    public var poolHeartbeatSeconds = 1.0
+    public var poolIOTimeoutSeconds = 2.0
     public var logLevel: Logger.Level = .info
 
     public init() {}
@@ -44,6 +49,7 @@ extension AgentConfig {
             "max_regions", "high_watermark", "low_watermark", "evict_batch", "shutdown_grace", "fault_spin_us",
         ],
         "store": ["kind", "capacity"],
+        "pool": ["servers", "secret_file", "heartbeat", "io_timeout"],
         "log": ["level"],
     ]
 
@@ -69,7 +75,7 @@ extension AgentConfig {
         for section in table.keys {
             guard let allowed = knownKeys[section] else {
                 throw ConfigError(key: section, problem: "unknown section",
-                                  fix: "use one of [agent], [store], [log]")
+                                  fix: "use one of [agent], [store], [pool], [log]")
             }
             guard let sub = table[section]?.table else {
                 throw ConfigError(key: section, problem: "must be a table", fix: "write it as [\(section)]")
@@ -121,6 +127,43 @@ extension AgentConfig {
             c.storeKind = s
         }
         c.storeCapacity = try size(store, "capacity", "store.capacity", c.storeCapacity)
+        let pool = table["pool"]?.table
+        if let v = pool?["servers"] {
+            guard let array = v.array else {
+                throw ConfigError(key: "pool.servers", problem: "must be a list of \"HOST:PORT\" strings",
+                                  fix: "e.g. servers = [\"10.0.0.5:7201\", \"10.0.0.6:7201\"]")
+            }
+            var servers: [String] = []
+            for item in array {
+                guard let s = item.string, let colon = s.lastIndex(of: ":"), let port = Int(s[s.index(after: colon)...]),
+                    (1...65535).contains(port), colon != s.startIndex
+                else {
+                    throw ConfigError(key: "pool.servers", problem: "\(item) is not HOST:PORT",
+                                      fix: "e.g. servers = [\"10.0.0.5:7201\"]")
+                }
+                servers.append(s)
+            }
+            c.poolServers = servers
+        }
+        if let v = pool?["secret_file"] {
+            guard let s = v.string, s.hasPrefix("/") else {
+                throw ConfigError(key: "pool.secret_file", problem: "must be an absolute path",
+                                  fix: "e.g. secret_file = \"/etc/farpage/cluster.secret\"")
+            }
+            c.poolSecretFile = s
+        }
+        for (key, path) in [("heartbeat", \AgentConfig.poolHeartbeatSeconds), ("io_timeout", \AgentConfig.poolIOTimeoutSeconds)] {
+            if let v = pool?[key] {
+                guard let s = v.string, let d = parseDuration(s), d > 0 else {
+                    throw ConfigError(key: "pool.\(key)", problem: "must be a positive duration", fix: "e.g. \(key) = \"1s\"")
+                }
+                c[keyPath: path] = d
+            }
+        }
+        if !c.poolServers.isEmpty && c.poolSecretFile == nil {
+            throw ConfigError(key: "pool.secret_file", problem: "is required when pool.servers is set",
+                              fix: "point it at the cluster secret shared with the memory servers")
+        }
         if let v = log?["level"] {
             guard let s = v.string, let level = Logger.Level(rawValue: s.lowercased()) else {
                 throw ConfigError(key: "log.level", problem: "unknown level",

@@ -191,6 +191,30 @@ final class ControlServer: @unchecked Sendable {
         case .regionsJSON:
             return sendJSON(agent.regionReports(), requestID: header.requestID, on: c)
         case .ping: reply = .ok(0, 0)
+        case .poolAttach(let address):
+            guard c.peer.uid == 0 || c.peer.uid == getuid() else {
+                reply = error(EPERM, .invalidArgument, "only root or the agent's user may change the pool")
+                break
+            }
+            do {
+                try agent.store.attach(address: address)
+                reply = .ok(0, 0)
+            } catch {
+                reply = self.error(ECONNREFUSED, .kernel, "cannot attach \(address): \(error)")
+            }
+        case .poolDetach(let address):
+            guard c.peer.uid == 0 || c.peer.uid == getuid() else {
+                reply = error(EPERM, .invalidArgument, "only root or the agent's user may change the pool")
+                break
+            }
+            do {
+                try agent.store.detach(address: address)
+                reply = .ok(0, 0)
+            } catch {
+                reply = self.error(ENOENT, .notFound, "cannot detach \(address): \(error)")
+            }
+        case .poolJSON:
+            return sendJSON(agent.poolReport(), requestID: header.requestID, on: c)
         }
         return send(reply, requestID: header.requestID, on: c)
     }

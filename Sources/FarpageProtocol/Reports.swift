@@ -18,12 +18,14 @@ public struct AgentStatus: Codable, Sendable {
     public var bookkeepingBytes: Int
     public var totals: [String: UInt64]
     public var shuttingDown: Bool
+    public var pool: [PoolServer]
 
     public init(version: String, pid: Int32, uptimeSeconds: Double, socket: String, uffdAccess: String,
                 uffdFeatures: [String], pageSize: Int, faultThreads: Int, budgetPages: Int, residentPages: Int,
                 highWatermarkPages: Int, lowWatermarkPages: Int, store: StoreStatus, regions: Int, clients: Int,
-                bookkeepingBytes: Int, totals: [String: UInt64], shuttingDown: Bool)
+                bookkeepingBytes: Int, totals: [String: UInt64], shuttingDown: Bool, pool: [PoolServer] = [])
     {
+        self.pool = pool
         self.version = version
         self.pid = pid
         self.uptimeSeconds = uptimeSeconds
@@ -83,6 +85,32 @@ public struct RegionReport: Codable, Sendable {
         self.farPages = farPages
         self.counters = counters
         self.ageSeconds = ageSeconds
+    }
+}
+
+/// One far-memory backend of the agent's pool (`farpagectl pool list`).
+public struct PoolServer: Codable, Sendable {
+    public var address: String
+    public var status: String
+    public var transport: String
+    public var capacityBytes: UInt64
+    public var leaseBytes: UInt64
+    public var leases: Int
+    public var storedPages: Int
+    public var errors: UInt64
+    public var lastError: String
+    public init(address: String, status: String, transport: String, capacityBytes: UInt64, leaseBytes: UInt64, leases: Int,
+                storedPages: Int, errors: UInt64, lastError: String)
+    {
+        self.address = address
+        self.status = status
+        self.transport = transport
+        self.capacityBytes = capacityBytes
+        self.leaseBytes = leaseBytes
+        self.leases = leases
+        self.storedPages = storedPages
+        self.errors = errors
+        self.lastError = lastError
     }
 }
 

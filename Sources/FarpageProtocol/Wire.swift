@@ -21,6 +21,9 @@ public enum MessageType: UInt16, Sendable {
     case statusJSON = 5
     case regionsJSON = 6
     case ping = 7
+    case poolAttach = 8
+    case poolDetach = 9
+    case poolJSON = 10
     case ok = 0x81
     case error = 0x82
     case statsReply = 0x83
@@ -84,6 +87,10 @@ public enum Request: Equatable, Sendable {
     case statusJSON
     case regionsJSON
     case ping
+    /// Body: the server address, "HOST:PORT" (at most 255 bytes).
+    case poolAttach(address: String)
+    case poolDetach(address: String)
+    case poolJSON
 }
 
 public enum Reply: Equatable, Sendable {
@@ -214,6 +221,15 @@ extension Wire {
         case .ping:
             try need(0, "PING")
             return (h, .ping)
+        case .poolAttach, .poolDetach:
+            guard r.remaining >= 3, r.remaining <= 255 else {
+                throw WireError(message: "pool address must be 3...255 bytes, got \(r.remaining)", fatal: false, requestID: h.requestID)
+            }
+            let address = String(decoding: bytes[headerSize...], as: UTF8.self)
+            return (h, type == .poolAttach ? .poolAttach(address: address) : .poolDetach(address: address))
+        case .poolJSON:
+            try need(0, "POOL")
+            return (h, .poolJSON)
         case .ok, .error, .statsReply, .json:
             throw WireError(message: "message type \(h.type) is a reply, not a request", fatal: false, requestID: h.requestID)
         }
@@ -248,6 +264,13 @@ extension Wire {
         case .statusJSON: type = .statusJSON
         case .regionsJSON: type = .regionsJSON
         case .ping: type = .ping
+        case .poolAttach(let a):
+            type = .poolAttach
+            w.bytes += Array(a.utf8.prefix(255))
+        case .poolDetach(let a):
+            type = .poolDetach
+            w.bytes += Array(a.utf8.prefix(255))
+        case .poolJSON: type = .poolJSON
         }
         return message(type, requestID: requestID, body: w.bytes)
     }

@@ -8,7 +8,7 @@ struct FarpageCtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "farpagectl",
         abstract: "Inspect a running farpaged agent.",
-        subcommands: [Status.self, Regions.self])
+        subcommands: [Status.self, Regions.self, Pool.self])
 }
 
 struct Connection: ParsableArguments {
@@ -43,6 +43,95 @@ struct Connection: ParsableArguments {
             default: throw ValidationError("unexpected reply from the agent")
             }
         }
+    }
+
+    /// Sends one request that expects OK.
+    func command(_ request: Request) throws {
+        let socket: SeqPacketSocket
+        do { socket = try SeqPacketSocket.connect(path: path) } catch {
+            FileHandle.standardError.write(Data("farpagectl: cannot reach the agent at \(path): \(error)\n".utf8))
+            throw ExitCode(69)
+        }
+        socket.setReceiveTimeout(milliseconds: 30_000)
+        try socket.send(Wire.encode(request, requestID: 1))
+        guard let packet = try socket.receive(maxBytes: Wire.maxMessage), !packet.bytes.isEmpty else {
+            throw ValidationError("the agent closed the connection")
+        }
+        switch try Wire.decodeReply(packet.bytes).1 {
+        case .ok: return
+        case .error(_, _, let message):
+            FileHandle.standardError.write(Data("farpagectl: \(message)\n".utf8))
+            throw ExitCode(1)
+        default: throw ValidationError("unexpected reply from the agent")
+        }
+    }
+}
+
+struct Pool: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "The agent's memory servers.", subcommands: [PoolList.self, PoolAttach.self, PoolDetach.self],
+        defaultSubcommand: PoolList.self)
+}
+
+struct PoolList: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "list", abstract: "Capacity, use, leases and health per server.")
+    @OptionGroup var connection: Connection
+
+    func run() throws {
+        let data = try connection.fetchJSON(.poolJSON)
+        if connection.json {
+            print(String(decoding: data, as: UTF8.self))
+            return
+        }
+        let servers = try decode([PoolServer].self, data)
+        let widths = [24, 9, 9, 11, 11, 7, 11, 7]
+        func row(_ cells: [String]) {
+            print(zip(cells, widths).enumerated().map { i, cw in column(cw.0, cw.1, right: i >= 3) }.joined(separator: " "))
+        }
+        row(["SERVER", "STATUS", "TRANSPORT", "CAPACITY", "LEASED", "LEASES", "STORED", "ERRORS"])
+        for s in servers {
+            row([s.address, s.status, s.transport, bytes(s.capacityBytes), bytes(UInt64(s.leases) * s.leaseBytes),
+                 "\(s.leases)", bytes(UInt64(s.storedPages) * 4096), "\(s.errors)"])
+            if !s.lastError.isEmpty && s.status != "healthy" { print("    last error: \(s.lastError)") }
+        }
+    }
+}
+
+struct PoolAttach: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "attach", abstract: "Add a memory server to the pool.")
+    @OptionGroup var connection: Connection
+    @Argument(help: "The server, HOST:PORT.") var address: String
+
+    func run() throws {
+        try connection.command(.poolAttach(address: address))
+        print("attached \(address)")
+    }
+}
+
+struct PoolDetach: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "detach", abstract: "Drain a memory server (move its pages elsewhere), then release its leases.")
+    @OptionGroup var connection: Connection
+    @Argument(help: "The server, HOST:PORT.") var address: String
+    @Flag(help: "Wait until the drain has finished.") var wait = false
+
+    func run() throws {
+        try connection.command(.poolDetach(address: address))
+        guard wait else {
+            print("draining \(address); `farpagectl pool list` shows when it is detached")
+            return
+        }
+        while true {
+            let servers = try decode([PoolServer].self, try connection.fetchJSON(.poolJSON))
+            guard let s = servers.first(where: { $0.address == address }) else { break }
+            if s.status == "detached" { break }
+            if s.status == "failed" {
+                FileHandle.standardError.write(Data("farpagectl: draining \(address) failed: \(s.lastError)\n".utf8))
+                throw ExitCode(1)
+            }
+            Thread.sleep(forTimeInterval: 0.2)
+        }
+        print("detached \(address)")
     }
 }
 

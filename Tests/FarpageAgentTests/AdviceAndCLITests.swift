@@ -2,6 +2,7 @@ import CFarpageClient
 import FarpageKernel
 import FarpageProtocol
 import Foundation
+import FarpageTestSupport
 import Testing
 
 #if canImport(Glibc)

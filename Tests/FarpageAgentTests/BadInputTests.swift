@@ -3,6 +3,7 @@ import CFarpageKernel
 import FarpageKernel
 import FarpageProtocol
 import Foundation
+import FarpageTestSupport
 import Testing
 
 #if canImport(Glibc)

@@ -1,6 +1,7 @@
 import FarpageKernel
 import FarpageProtocol
 import Foundation
+import FarpageTestSupport
 import Testing
 
 #if canImport(Glibc)

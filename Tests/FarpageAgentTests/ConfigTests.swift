@@ -1,3 +1,4 @@
+import FarpageTestSupport
 import Testing
 
 @testable import FarpageAgent

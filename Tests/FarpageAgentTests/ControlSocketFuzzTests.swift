@@ -1,6 +1,7 @@
 import FarpageKernel
 import FarpageProtocol
 import Foundation
+import FarpageTestSupport
 import Testing
 
 #if canImport(Glibc)
@@ -72,7 +73,7 @@ struct ControlSocketFuzzTests {
                     replies += 1
                     _ = try? Wire.decodeReply(reply.bytes)
                 } else {
-                    throw AgentTestError("closed")
+                    throw TestSupportError("closed")
                 }
             } catch {
                 // The agent closed this connection (its answer to garbage): open another.

@@ -4,6 +4,7 @@ import FarpageKernel
 import FarpageProtocol
 import Foundation
 import Synchronization
+import FarpageTestSupport
 import Testing
 
 #if canImport(Glibc)

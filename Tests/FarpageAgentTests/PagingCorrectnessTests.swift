@@ -2,6 +2,7 @@ import CFarpageClient
 import FarpageKernel
 import Foundation
 import Synchronization
+import FarpageTestSupport
 import Testing
 
 #if canImport(Glibc)

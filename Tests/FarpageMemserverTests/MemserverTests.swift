@@ -3,17 +3,12 @@ import FarpageKernel
 import FarpageTransport
 import Foundation
 import Synchronization
+import FarpageTestSupport
 import Testing
 
 #if canImport(Glibc)
 import Glibc
 #endif
-
-func binary(_ name: String) -> String {
-    if let dir = ProcessInfo.processInfo.environment["FARPAGE_BIN_DIR"] { return dir + "/" + name }
-    let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-    return (exe as NSString).deletingLastPathComponent + "/" + name
-}
 
 struct TestError: Error, CustomStringConvertible {
     let description: String

@@ -1,0 +1,170 @@
+import CFarpageChecksum
+import FarpageKernel
+import FarpageTransport
+import Logging
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where a lease lives: a memory server over TCP, or the agent's own local spill.
+protocol LeaseBackend: AnyObject, Sendable {
+    var name: String { get }
+    var leaseBytes: UInt64 { get }
+    func allocateLeases(_ count: Int) throws(TransportError) -> [UInt64]
+    func freeLease(_ id: UInt64) throws(TransportError)
+    /// Reads `pages` pages at `offset` of lease `id` into `into`, verifying every checksum.
+    func read(lease id: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer) throws(TransportError)
+    /// Writes `pages` contiguous pages from `from`.
+    func write(lease id: UInt64, offset: UInt64, pages: Int, from: UnsafeRawPointer) throws(TransportError)
+}
+
+/// A memory server, reached through a pool of authenticated connections so that each
+/// calling thread has its own (a fault never waits behind another thread's bulk write).
+final class RemoteBackend: LeaseBackend, @unchecked Sendable {
+    let host: String
+    let port: Int
+    let agentID: [UInt8]
+    let agentName: String
+    let secret: ClusterSecret
+    let ioTimeoutMilliseconds: Int32
+    private let idle = Mutex<[MemserverClient]>([])
+    private(set) var leaseBytes: UInt64 = 0
+    private(set) var capacityBytes: UInt64 = 0
+
+    var name: String { "\(host):\(port)" }
+
+    init(host: String, port: Int, agentID: [UInt8], agentName: String, secret: ClusterSecret, ioTimeoutMilliseconds: Int32)
+        throws(TransportError)
+    {
+        self.host = host
+        self.port = port
+        self.agentID = agentID
+        self.agentName = agentName
+        self.secret = secret
+        self.ioTimeoutMilliseconds = ioTimeoutMilliseconds
+        let first = try connect()
+        leaseBytes = first.leaseBytes
+        capacityBytes = first.capacityBytes
+        idle.withLock { $0.append(first) }
+    }
+
+    private func connect() throws(TransportError) -> MemserverClient {
+        try MemserverClient(host: host, port: port, agentID: agentID, name: agentName, secret: secret,
+                            ioTimeoutMilliseconds: ioTimeoutMilliseconds)
+    }
+
+    /// Runs `body` on a pooled connection. A connection that failed is dropped, not reused.
+    func withConnection<T>(_ body: (MemserverClient) throws(TransportError) -> T) throws(TransportError) -> T {
+        let client: MemserverClient
+        if let pooled = idle.withLock({ $0.popLast() }) { client = pooled } else { client = try connect() }
+        do {
+            let result = try body(client)
+            idle.withLock { if $0.count < 64 { $0.append(client) } }
+            return result
+        } catch {
+            if case .refused = error.kind {
+                idle.withLock { if $0.count < 64 { $0.append(client) } }  // the connection is fine
+            } else {
+                client.close()
+            }
+            throw error
+        }
+    }
+
+    func closeAll() { idle.withLock { c in c.forEach { $0.close() }; c.removeAll() } }
+
+    func ping() throws(TransportError) -> MemServerStats {
+        try withConnection { c throws(TransportError) in
+            guard case .pong(let s) = try c.call(.ping) else { throw TransportError(.protocolViolation, "bad PONG") }
+            return s
+        }
+    }
+
+    func allocateLeases(_ count: Int) throws(TransportError) -> [UInt64] {
+        try withConnection { c throws(TransportError) in
+            guard case .leases(let ids) = try c.call(.leaseAlloc(count: UInt32(count))) else {
+                throw TransportError(.protocolViolation, "bad LEASES")
+            }
+            return ids
+        }
+    }
+
+    func freeLease(_ id: UInt64) throws(TransportError) {
+        _ = try withConnection { c throws(TransportError) in try c.call(.leaseFree(leaseID: id)) }
+    }
+
+    func read(lease id: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer) throws(TransportError) {
+        let reply = try withConnection { c throws(TransportError) in try c.call(.read(leaseID: id, offset: offset, pages: pages)) }
+        guard case .data(let sums, let data) = reply, sums.count == pages, data.count == pages * MemWire.pageSize else {
+            throw TransportError(.protocolViolation, "\(name) answered READ with the wrong amount of data")
+        }
+        var computed = [UInt64](repeating: 0, count: pages)
+        data.withUnsafeBytes { buffer in
+            fp_checksum_pages(buffer.baseAddress, MemWire.pageSize, pages, &computed)
+            memcpy(into, buffer.baseAddress!, pages * MemWire.pageSize)
+        }
+        for i in 0..<pages where computed[i] != sums[i] {
+            throw TransportError(.corrupt, "\(name): page \(i) of lease \(id) at offset \(offset) does not match its checksum")
+        }
+    }
+
+    func write(lease id: UInt64, offset: UInt64, pages: Int, from: UnsafeRawPointer) throws(TransportError) {
+        var sums = [UInt64](repeating: 0, count: pages)
+        fp_checksum_pages(from, MemWire.pageSize, pages, &sums)
+        let data = Array(UnsafeRawBufferPointer(start: from, count: pages * MemWire.pageSize))
+        _ = try withConnection { c throws(TransportError) in
+            try c.call(.write(leaseID: id, offset: offset, checksums: sums, data: data))
+        }
+    }
+}
+
+/// Leases carved from the agent's own memory: where pages go when no memory server can take
+/// them (all full, failed or draining). It keeps data safe; it does not save memory.
+final class LocalSpillBackend: LeaseBackend, @unchecked Sendable {
+    let name = "local-spill"
+    let leaseBytes: UInt64
+    let capacityLeases: Int
+    struct Slab: @unchecked Sendable { let base: UnsafeMutableRawPointer }
+    private let leases = Mutex<[UInt64: Slab]>([:])
+    private let nextID = Atomic<UInt64>(1)
+
+    init(capacityBytes: UInt64, leaseBytes: UInt64) {
+        self.leaseBytes = leaseBytes
+        capacityLeases = Int(capacityBytes / leaseBytes)
+    }
+
+    deinit { leases.withLock { l in l.values.forEach { AnonymousMemory.unmap($0.base, bytes: leaseBytes) } } }
+
+    func allocateLeases(_ count: Int) throws(TransportError) -> [UInt64] {
+        var ids: [UInt64] = []
+        for _ in 0..<count {
+            let full = leases.withLock { $0.count >= capacityLeases }
+            if full { break }
+            guard let memory = try? AnonymousMemory.map(bytes: leaseBytes) else { break }
+            let id = nextID.wrappingAdd(1, ordering: .relaxed).oldValue
+            let slab = Slab(base: memory)
+            leases.withLock { $0[id] = slab }
+            ids.append(id)
+        }
+        return ids
+    }
+
+    func freeLease(_ id: UInt64) throws(TransportError) {
+        if let m = leases.withLock({ $0.removeValue(forKey: id) }) { AnonymousMemory.unmap(m.base, bytes: leaseBytes) }
+    }
+
+    private func base(_ id: UInt64) throws(TransportError) -> UnsafeMutableRawPointer {
+        guard let b = leases.withLock({ $0[id] }) else { throw TransportError(.refused(code: 5), "no local lease \(id)") }
+        return b.base
+    }
+
+    func read(lease id: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer) throws(TransportError) {
+        memcpy(into, try base(id) + Int(offset), pages * MemWire.pageSize)
+    }
+
+    func write(lease id: UInt64, offset: UInt64, pages: Int, from: UnsafeRawPointer) throws(TransportError) {
+        memcpy(try base(id) + Int(offset), from, pages * MemWire.pageSize)
+    }
+}

@@ -1,0 +1,506 @@
+import FarpageKernel
+import FarpageTiers
+import FarpageTransport
+import Foundation
+import Logging
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The health of one far-memory backend, as `farpagectl pool list` shows it.
+public enum ServerStatus: String, Sendable, Codable {
+    case healthy
+    /// Missed heartbeats or failed requests; its pages cannot be read now.
+    case failed
+    /// Detach requested: no new pages; its leases are being moved elsewhere.
+    case draining
+    /// Fully drained and released.
+    case detached
+}
+
+/// One row of `farpagectl pool list`.
+public struct PoolServerReport: Codable, Sendable {
+    public var address: String
+    public var status: ServerStatus
+    public var capacityBytes: UInt64
+    public var leaseBytes: UInt64
+    public var leases: Int
+    public var storedPages: Int
+    public var errors: UInt64
+    public var lastError: String
+    public var transport: String
+}
+
+/// The pool of far memory: leases on memory servers (placed by free capacity, power of two
+/// choices) and a local spill used only when no server can take a page.
+///
+/// A location is `lease index << 24 | page slot`. The lease index names an agent-side lease
+/// record, which points at (backend, remote lease id); moving a lease to another server
+/// (detach) rewrites only that record, so page tables never change.
+public final class PoolStore: PageStore, @unchecked Sendable {
+    public let name = "pool"
+    public let pageSize = MemWire.pageSize
+    static let slotBits: UInt64 = 24
+
+    final class Server: @unchecked Sendable {
+        let backend: any LeaseBackend
+        let isLocal: Bool
+        var status: ServerStatus = .healthy  // guarded by PoolStore.state
+        var capacityBytes: UInt64
+        let errors = Atomic<UInt64>(0)
+        var lastError = ""
+        init(backend: any LeaseBackend, isLocal: Bool, capacityBytes: UInt64) {
+            self.backend = backend
+            self.isLocal = isLocal
+            self.capacityBytes = capacityBytes
+        }
+        var address: String { backend.name }
+    }
+
+    final class Lease: @unchecked Sendable {
+        var server: Server  // changes only under `lock` held exclusively (migration)
+        var remoteID: UInt64
+        let pages: Int
+        var freeSlots: [UInt32] = []
+        var nextFresh = 0
+        var used = 0
+        private var rw = pthread_rwlock_t()
+        init(server: Server, remoteID: UInt64, pages: Int) {
+            self.server = server
+            self.remoteID = remoteID
+            self.pages = pages
+            pthread_rwlock_init(&rw, nil)
+        }
+        deinit { pthread_rwlock_destroy(&rw) }
+        func shared<T>(_ body: () throws -> T) rethrows -> T {
+            pthread_rwlock_rdlock(&rw)
+            defer { pthread_rwlock_unlock(&rw) }
+            return try body()
+        }
+        func exclusive<T>(_ body: () throws -> T) rethrows -> T {
+            pthread_rwlock_wrlock(&rw)
+            defer { pthread_rwlock_unlock(&rw) }
+            return try body()
+        }
+    }
+
+    struct State {
+        var servers: [Server] = []
+        var leases: [Lease?] = []
+        var freeLeaseIndices: [Int] = []
+    }
+    let state = Mutex(State())
+    let local: Server
+    let logger: Logger
+    let agentID: [UInt8]
+    let agentName: String
+    let secret: ClusterSecret?
+    let ioTimeoutMilliseconds: Int32
+    let leasesPerRequest: Int
+
+    /// - Parameters:
+    ///   - spillBytes: capacity of the local spill (the agent's own memory).
+    ///   - secret: the cluster secret; nil when no memory server will be used.
+    public init(spillBytes: UInt64, leaseBytes: UInt64 = 64 << 20, agentID: [UInt8], agentName: String,
+                secret: ClusterSecret?, ioTimeoutMilliseconds: Int32 = 2000, leasesPerRequest: Int = 2, logger: Logger)
+    {
+        local = Server(backend: LocalSpillBackend(capacityBytes: spillBytes, leaseBytes: min(leaseBytes, max(spillBytes, 1 << 20))),
+                       isLocal: true, capacityBytes: spillBytes)
+        self.logger = logger
+        self.agentID = agentID
+        self.agentName = agentName
+        self.secret = secret
+        self.ioTimeoutMilliseconds = ioTimeoutMilliseconds
+        self.leasesPerRequest = max(1, leasesPerRequest)
+    }
+
+    public var capacityPages: UInt64 {
+        state.withLock { s in s.servers.filter { $0.status == .healthy }.reduce(local.capacityBytes) { $0 + $1.capacityBytes } }
+            / UInt64(pageSize)
+    }
+
+    public var usedPages: UInt64 {
+        state.withLock { s in UInt64(s.leases.reduce(0) { $0 + ($1?.used ?? 0) }) }
+    }
+
+    // MARK: Servers
+
+    /// Connects to a memory server and adds it to the pool.
+    public func attach(address: String) throws(TransportError) {
+        guard let secret else {
+            throw TransportError(.authentication, "no cluster secret configured ([pool] secret_file); cannot attach \(address)")
+        }
+        guard let (host, port) = splitAddress(address) else {
+            throw TransportError(.unreachable, "\(address) is not HOST:PORT")
+        }
+        let existing = state.withLock { s in s.servers.contains { $0.address == "\(host):\(port)" && $0.status != .detached } }
+        if existing { throw TransportError(.refused(code: 0), "\(address) is already in the pool") }
+        let backend = try RemoteBackend(host: host, port: port, agentID: agentID, agentName: agentName, secret: secret,
+                                        ioTimeoutMilliseconds: ioTimeoutMilliseconds)
+        let server = Server(backend: backend, isLocal: false, capacityBytes: backend.capacityBytes)
+        state.withLock { s in
+            s.servers.removeAll { $0.address == server.address && $0.status == .detached }
+            s.servers.append(server)
+        }
+        logger.info("memory server attached", metadata: ["fp.server": "\(server.address)", "fp.capacity": "\(backend.capacityBytes)"])
+    }
+
+    /// Starts draining a server: no new pages go there, and its leases move elsewhere in the
+    /// background. `done` runs when it is detached (or the drain failed).
+    public func detach(address: String, done: (@Sendable (Bool) -> Void)? = nil) throws(TransportError) {
+        let server = state.withLock { s -> Server? in
+            guard let server = s.servers.first(where: { $0.address == address && $0.status != .detached }) else { return nil }
+            server.status = .draining
+            return server
+        }
+        guard let server else { throw TransportError(.refused(code: 0), "\(address) is not in the pool") }
+        logger.notice("draining memory server", metadata: ["fp.server": "\(address)"])
+        _ = startDetachedThread(name: "fp-drain") { [self] in
+            let ok = drain(server)
+            done?(ok)
+        }
+    }
+
+    /// Moves every lease of `server` to other servers (or the local spill), then releases it.
+    func drain(_ server: Server) -> Bool {
+        let leases = state.withLock { s in s.leases.compactMap { $0 }.filter { $0.server === server } }
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: MemWire.maxPagesPerIO * pageSize, alignment: pageSize)
+        defer { buffer.deallocate() }
+        var ok = true
+        for lease in leases {
+            let moved: Bool = lease.exclusive {
+                guard let (target, remoteID) = try? allocateLease(on: chooseServer(excluding: server), excluding: server) else {
+                    logger.error("no capacity anywhere to drain a lease into", metadata: ["fp.server": "\(server.address)"])
+                    return false
+                }
+                var page = 0
+                while page < lease.nextFresh {
+                    let n = min(MemWire.maxPagesPerIO, lease.nextFresh - page)
+                    do {
+                        try server.backend.read(lease: lease.remoteID, offset: UInt64(page * pageSize), pages: n, into: buffer)
+                        try target.backend.write(lease: remoteID, offset: UInt64(page * pageSize), pages: n, from: buffer)
+                    } catch {
+                        logger.error("draining a lease failed", metadata: ["fp.server": "\(server.address)", "fp.error": "\(error)"])
+                        try? target.backend.freeLease(remoteID)
+                        return false
+                    }
+                    page += n
+                }
+                let old = lease.remoteID
+                lease.server = target
+                lease.remoteID = remoteID
+                try? server.backend.freeLease(old)
+                return true
+            }
+            if !moved { ok = false }
+        }
+        state.withLock { _ in server.status = ok ? .detached : .failed }
+        if ok {
+            (server.backend as? RemoteBackend)?.closeAll()
+            logger.notice("memory server detached: all its pages moved", metadata: ["fp.server": "\(server.address)", "fp.leases": "\(leases.count)"])
+        } else {
+            logger.error("memory server could not be fully drained", metadata: ["fp.server": "\(server.address)"])
+        }
+        return ok
+    }
+
+    /// Pings remote servers; marks them failed or healthy again. Call periodically.
+    public func heartbeat() {
+        let servers = state.withLock { s in s.servers.filter { !$0.isLocal && ($0.status == .healthy || $0.status == .failed) } }
+        for server in servers {
+            guard let remote = server.backend as? RemoteBackend else { continue }
+            do {
+                let stats = try remote.ping()
+                state.withLock { _ in
+                    if server.status == .failed {
+                        logger.notice("memory server answers again", metadata: ["fp.server": "\(server.address)"])
+                    }
+                    if server.status != .draining { server.status = .healthy }
+                    server.capacityBytes = stats.capacityBytes
+                }
+            } catch {
+                noteFailure(server, error)
+            }
+        }
+    }
+
+    private func noteFailure(_ server: Server, _ error: TransportError) {
+        server.errors.wrappingAdd(1, ordering: .relaxed)
+        let wasHealthy = state.withLock { _ -> Bool in
+            server.lastError = error.message
+            defer { if server.status == .healthy, error.kind != .corrupt { server.status = .failed } }
+            return server.status == .healthy
+        }
+        if wasHealthy {
+            logger.error("memory server failed; its pages cannot be read until it answers again (pages lost for good are poisoned, never served as zeros)",
+                         metadata: ["fp.server": "\(server.address)", "fp.error": "\(error)"])
+        }
+    }
+
+    public func report() -> [PoolServerReport] {
+        state.withLock { s in
+            ([local] + s.servers).map { server in
+                let mine = s.leases.compactMap { $0 }.filter { $0.server === server }
+                return PoolServerReport(
+                    address: server.address, status: server.status, capacityBytes: server.capacityBytes,
+                    leaseBytes: server.backend.leaseBytes, leases: mine.count, storedPages: mine.reduce(0) { $0 + $1.used },
+                    errors: server.errors.load(ordering: .relaxed), lastError: server.lastError,
+                    transport: server.isLocal ? "local" : "tcp")
+            }
+        }
+    }
+
+    // MARK: Placement
+
+    /// Picks a server for new pages: of two healthy servers drawn at random, the one with more
+    /// free bytes (Infiniswap's power of two choices). Nil when no server is healthy.
+    private func chooseServer(excluding: Server? = nil) -> Server? {
+        let candidates = state.withLock { s in s.servers.filter { $0.status == .healthy && $0 !== excluding } }
+        guard let a = candidates.randomElement() else { return nil }
+        guard candidates.count > 1 else { return a }
+        var b = candidates.randomElement()!
+        while b === a { b = candidates.randomElement()! }
+        return freeBytes(a) >= freeBytes(b) ? a : b
+    }
+
+    /// A new lease: on the chosen server, else on any other healthy server, else on the local
+    /// spill when no server can take one.
+    private func allocateLease(on preferred: Server? = nil, excluding: Server? = nil) throws(StoreError) -> (Server, UInt64) {
+        var candidates = state.withLock { s in s.servers.filter { $0.status == .healthy && $0 !== excluding } }
+        if let preferred, let i = candidates.firstIndex(where: { $0 === preferred }) {
+            candidates.swapAt(0, i)
+        } else {
+            candidates.shuffle()
+        }
+        for server in candidates {
+            do {
+                if let id = try server.backend.allocateLeases(1).first { return (server, id) }
+            } catch {
+                if case .refused = error.kind {} else { noteFailure(server, error) }
+            }
+        }
+        if local !== excluding, let id = try? local.backend.allocateLeases(1).first { return (local, id) }
+        throw StoreError(.full, "no memory server and no local spill can take more pages")
+    }
+
+    /// Free bytes of a server by our own accounting (its capacity less the pages we keep there).
+    private func freeBytes(_ server: Server) -> Int64 {
+        let stored = state.withLock { s in s.leases.reduce(0) { $0 + ($1?.server === server ? $1!.used : 0) } }
+        return Int64(server.capacityBytes) - Int64(stored) * Int64(pageSize)
+    }
+
+    /// Reserves `count` slots on one server chosen for the batch, preferring consecutive slots
+    /// of one lease (one WRITE per run). Falls back to other servers, then the local spill.
+    private func reserveSlots(_ count: Int) throws(StoreError) -> [PageLocation] {
+        let target = chooseServer()
+        var out: [PageLocation] = []
+        out.reserveCapacity(count)
+        while out.count < count {
+            let got = state.withLock { s -> [PageLocation] in
+                var taken: [PageLocation] = []
+                for (index, lease) in s.leases.enumerated() {
+                    guard let lease else { continue }
+                    // Only leases of the chosen server (or, with no healthy server, the spill).
+                    guard lease.server === (target ?? local), lease.server.status == .healthy else { continue }
+                    while taken.count < count - out.count, lease.nextFresh < lease.pages {
+                        taken.append(location(index, lease.nextFresh))
+                        lease.nextFresh += 1
+                        lease.used += 1
+                    }
+                    while taken.count < count - out.count, let slot = lease.freeSlots.popLast() {
+                        taken.append(location(index, Int(slot)))
+                        lease.used += 1
+                    }
+                    if taken.count == count - out.count { break }
+                }
+                return taken
+            }
+            out += got
+            if out.count < count {
+                let (server, remoteID) = try allocateLease(on: target)
+                let lease = Lease(server: server, remoteID: remoteID, pages: Int(server.backend.leaseBytes) / pageSize)
+                state.withLock { s in
+                    if let i = s.freeLeaseIndices.popLast() { s.leases[i] = lease } else { s.leases.append(lease) }
+                }
+                if server !== (target ?? local) {
+                    // The chosen server was full or failed: take the rest from where the lease came.
+                    return out + (try reserveSlots(on: lease, count: count - out.count))
+                }
+            }
+        }
+        return out
+    }
+
+    /// Slots from one specific lease (used when placement had to fall back).
+    private func reserveSlots(on lease: Lease, count: Int) throws(StoreError) -> [PageLocation] {
+        let got = state.withLock { s -> [PageLocation] in
+            guard let index = s.leases.firstIndex(where: { $0 === lease }) else { return [] }
+            var taken: [PageLocation] = []
+            while taken.count < count, lease.nextFresh < lease.pages {
+                taken.append(location(index, lease.nextFresh))
+                lease.nextFresh += 1
+                lease.used += 1
+            }
+            return taken
+        }
+        if got.count < count { return got + (try reserveSlots(count - got.count)) }
+        return got
+    }
+
+    @inline(__always) private func location(_ lease: Int, _ slot: Int) -> PageLocation {
+        PageLocation(raw: UInt64(lease) << Self.slotBits | UInt64(slot))
+    }
+
+    private func lease(of location: PageLocation) -> (Lease, Int)? {
+        let index = Int(location.raw >> Self.slotBits)
+        let slot = Int(location.raw & ((1 << Self.slotBits) - 1))
+        return state.withLock { s in index < s.leases.count ? s.leases[index].map { ($0, slot) } : nil }
+    }
+
+    // MARK: PageStore
+
+    public func submit(_ batch: PageIOBatch, completion: @escaping @Sendable (PageIOBatch) -> Void) {
+        batch.errors = Array(repeating: nil, count: batch.count)
+        switch batch.kind {
+        case .read: read(batch)
+        case .write: write(batch)
+        }
+        completion(batch)
+    }
+
+    private func read(_ batch: PageIOBatch) {
+        for i in 0..<batch.count {
+            guard let location = batch.locations[i], let (lease, slot) = lease(of: location) else {
+                batch.errors[i] = StoreError(.badLocation, "no lease for \(String(describing: batch.locations[i]))")
+                continue
+            }
+            let failure: TransportError? = lease.shared {
+                do {
+                    try lease.server.backend.read(lease: lease.remoteID, offset: UInt64(slot * pageSize), pages: 1,
+                                                  into: batch.buffers[i])
+                    return nil
+                } catch let error as TransportError {
+                    return error
+                } catch {
+                    return TransportError(.unreachable, "\(error)")
+                }
+            }
+            if let error = failure {
+                if error.kind == .corrupt {
+                    lease.server.errors.wrappingAdd(1, ordering: .relaxed)
+                    logger.error("a far page failed its checksum", metadata: ["fp.server": "\(lease.server.address)", "fp.error": "\(error)"])
+                    batch.errors[i] = StoreError(.corrupt, error.message)
+                } else {
+                    noteFailure(lease.server, error)
+                    batch.errors[i] = StoreError(.unavailable, error.message)
+                }
+            }
+        }
+    }
+
+    private func write(_ batch: PageIOBatch) {
+        // Pages that own a slot on a healthy lease are rewritten in place; the rest get new slots.
+        var targets = [PageLocation?](repeating: nil, count: batch.count)
+        var fresh: [Int] = []
+        var stale: [PageLocation] = []
+        for i in 0..<batch.count {
+            if let l = batch.locations[i], let (lease, _) = lease(of: l), lease.server.status == .healthy || lease.server.isLocal {
+                targets[i] = l
+            } else {
+                if let l = batch.locations[i] { stale.append(l) }
+                fresh.append(i)
+            }
+        }
+        if !fresh.isEmpty {
+            do {
+                let slots = try reserveSlots(fresh.count)
+                for (k, i) in fresh.enumerated() { targets[i] = slots[k] }
+            } catch {
+                for i in fresh { batch.errors[i] = error }
+            }
+        }
+        // Group consecutive slots of one lease into runs: one WRITE each.
+        var order = (0..<batch.count).filter { targets[$0] != nil && batch.errors[$0] == nil }
+        order.sort { targets[$0]!.raw < targets[$1]!.raw }
+        let staging = UnsafeMutableRawPointer.allocate(byteCount: MemWire.maxPagesPerIO * pageSize, alignment: pageSize)
+        defer { staging.deallocate() }
+        var k = 0
+        while k < order.count {
+            var end = k + 1
+            while end < order.count, end - k < MemWire.maxPagesPerIO,
+                targets[order[end]]!.raw == targets[order[end - 1]]!.raw + 1,
+                targets[order[end]]!.raw >> Self.slotBits == targets[order[k]]!.raw >> Self.slotBits
+            {
+                end += 1
+            }
+            let run = Array(order[k..<end])
+            k = end
+            guard let (lease, slot) = lease(of: targets[run[0]]!) else {
+                for i in run { batch.errors[i] = StoreError(.badLocation, "lease vanished") }
+                continue
+            }
+            for (n, i) in run.enumerated() { memcpy(staging + n * pageSize, batch.buffers[i], pageSize) }
+            let failed: TransportError? = lease.shared { () -> TransportError? in
+                do {
+                    try lease.server.backend.write(lease: lease.remoteID, offset: UInt64(slot * pageSize), pages: run.count,
+                                                   from: staging)
+                    return nil
+                } catch let error as TransportError {
+                    return error
+                } catch {
+                    return TransportError(.unreachable, "\(error)")
+                }
+            }
+            if let failed {
+                noteFailure(lease.server, failed)
+                for i in run { batch.errors[i] = StoreError(.unavailable, failed.message) }
+            } else {
+                for i in run { batch.locations[i] = targets[i] }
+            }
+        }
+        release(stale)
+    }
+
+    public func release(_ locations: [PageLocation]) {
+        guard !locations.isEmpty else { return }
+        state.withLock { s in
+            for location in locations {
+                let index = Int(location.raw >> Self.slotBits)
+                guard index < s.leases.count, let lease = s.leases[index] else { continue }
+                lease.freeSlots.append(UInt32(location.raw & ((1 << Self.slotBits) - 1)))
+                lease.used -= 1
+            }
+        }
+    }
+}
+
+func splitAddress(_ s: String) -> (String, Int)? {
+    guard let colon = s.lastIndex(of: ":"), let port = Int(s[s.index(after: colon)...]), (1...65535).contains(port) else { return nil }
+    let host = String(s[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+    return host.isEmpty ? nil : (host, port)
+}
+
+/// A detached, named pthread.
+@discardableResult
+func startDetachedThread(name: String, _ body: @escaping @Sendable () -> Void) -> Bool {
+    final class Box: @unchecked Sendable {
+        let body: @Sendable () -> Void
+        let name: String
+        init(_ b: @escaping @Sendable () -> Void, _ n: String) {
+            body = b
+            name = n
+        }
+    }
+    let box = Unmanaged.passRetained(Box(body, name)).toOpaque()
+    var thread = pthread_t()
+    let r = pthread_create(&thread, nil, { arg in
+        let box = Unmanaged<AnyObject>.fromOpaque(arg!).takeRetainedValue() as! Box
+        setCurrentThreadName(box.name)
+        box.body()
+        return nil
+    }, box)
+    if r == 0 { pthread_detach(thread) }
+    return r == 0
+}

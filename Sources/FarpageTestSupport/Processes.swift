@@ -1,0 +1,196 @@
+/// Real processes for tests: `farpaged agent` and `farpaged memserver` on private sockets and
+/// loopback ports. Shared by the test targets; not part of any product.
+import FarpageKernel
+import FarpageProtocol
+import FarpageTransport
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A failure in test plumbing (a process that did not start, a reply that was not there).
+public struct TestSupportError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ d: String) { description = d }
+}
+
+/// Where the built executables are: $FARPAGE_BIN_DIR, else next to the test bundle.
+public func binary(_ name: String) -> String {
+    if let dir = ProcessInfo.processInfo.environment["FARPAGE_BIN_DIR"] { return dir + "/" + name }
+    let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    return (exe as NSString).deletingLastPathComponent + "/" + name
+}
+
+/// A real `farpaged agent` process on a private socket.
+public final class AgentProcess: @unchecked Sendable {
+    public let directory: String
+    public let socket: String
+    public let process: Process
+    public let log: String
+
+    public init(config extra: String = "", storeCapacity: String = "2GiB") throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("fp-test-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        socket = directory + "/agent.sock"
+        log = directory + "/agent.log"
+        let config = """
+            [agent]
+            socket = "\(socket)"
+            resident_budget = "512MiB"
+            region_budget = "8MiB"
+            max_region_size = "1TiB"
+            evict_batch = 32
+            shutdown_grace = "1s"
+            [store]
+            capacity = "\(storeCapacity)"
+            [log]
+            level = "info"
+            \(extra)
+            """
+        try config.write(toFile: directory + "/agent.toml", atomically: true, encoding: .utf8)
+        process = Process()
+        process.executableURL = URL(fileURLWithPath: binary("farpaged"))
+        process.arguments = ["agent", "--config", directory + "/agent.toml"]
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        // Never inherit the test runner's stdout: a lingering agent would keep its pipe open.
+        process.standardError = FileHandle(forWritingAtPath: log)
+        process.standardOutput = FileHandle.nullDevice
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let deadline = Date().addingTimeInterval(20)
+        while !FileManager.default.fileExists(atPath: socket) {
+            guard Date() < deadline, process.isRunning else {
+                throw TestSupportError("agent did not start: \(logText)")
+            }
+            usleep(20_000)
+        }
+    }
+
+    public var logText: String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+    public var pid: Int32 { process.processIdentifier }
+
+    public func stop() {
+        if process.isRunning {
+            process.terminate()
+            process.waitUntilExit()
+        }
+    }
+
+    deinit {
+        stop()
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    /// One request on a fresh connection; returns the decoded reply.
+    public func call(_ request: Request) throws -> Reply {
+        let s = try SeqPacketSocket.connect(path: socket)
+        s.setReceiveTimeout(milliseconds: 10_000)
+        try s.send(Wire.encode(request, requestID: 7))
+        var text = ""
+        while true {
+            guard let p = try s.receive(maxBytes: Wire.maxMessage), !p.bytes.isEmpty else {
+                throw TestSupportError("no reply")
+            }
+            let reply = try Wire.decodeReply(p.bytes).1
+            if case .json(let chunk, let more) = reply {
+                text += chunk
+                if more { continue }
+                return .json(text: text, more: false)
+            }
+            return reply
+        }
+    }
+
+    public func regions() throws -> [RegionReport] {
+        guard case .json(let text, _) = try call(.regionsJSON) else { throw TestSupportError("bad reply") }
+        let d = JSONDecoder()
+        d.keyDecodingStrategy = .convertFromSnakeCase
+        return try d.decode([RegionReport].self, from: Data(text.utf8))
+    }
+
+    public func status() throws -> AgentStatus {
+        guard case .json(let text, _) = try call(.statusJSON) else { throw TestSupportError("bad reply") }
+        let d = JSONDecoder()
+        d.keyDecodingStrategy = .convertFromSnakeCase
+        return try d.decode(AgentStatus.self, from: Data(text.utf8))
+    }
+}
+
+struct AgentTestError: Error, CustomStringConvertible {
+    let description: String
+    init(_ d: String) { description = d }
+}
+
+/// A real `farpaged memserver` process on a free loopback port.
+public final class MemserverProcess: @unchecked Sendable {
+    public let directory: String
+    public let secretPath: String
+    public let process = Process()
+    public let log: String
+    public private(set) var port = 0
+
+    public init(capacity: String = "64MiB", leaseSize: String = "4MiB", grace: String = "30s", secret: String? = nil) throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("fp-ms-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        secretPath = directory + "/cluster.secret"
+        try (secret ?? "test-cluster-secret-0123456789abcdef").write(toFile: secretPath, atomically: true, encoding: .utf8)
+        chmod(secretPath, 0o600)
+        log = directory + "/memserver.log"
+        try """
+            [memserver]
+            listen = "127.0.0.1:0"
+            capacity = "\(capacity)"
+            lease_size = "\(leaseSize)"
+            secret_file = "\(secretPath)"
+            lease_grace = "\(grace)"
+            handshake_timeout = "2s"
+            threads = 2
+            [log]
+            level = "info"
+            """.write(toFile: directory + "/memserver.toml", atomically: true, encoding: .utf8)
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        process.executableURL = URL(fileURLWithPath: binary("farpaged"))
+        process.arguments = ["memserver", "--config", directory + "/memserver.toml"]
+        process.standardError = FileHandle(forWritingAtPath: log)
+        process.standardOutput = FileHandle.nullDevice
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let deadline = Date().addingTimeInterval(20)
+        while port == 0 {
+            guard Date() < deadline, process.isRunning else { throw TestSupportError("memserver did not start: \(logText)") }
+            if let r = logText.range(of: "fp.listen=127.0.0.1:") {
+                port = Int(logText[r.upperBound...].prefix { $0.isNumber }) ?? 0
+            }
+            usleep(20_000)
+        }
+    }
+
+    public var logText: String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+
+    public var residentKiB: Int {
+        let status = (try? String(contentsOfFile: "/proc/\(process.processIdentifier)/status", encoding: .utf8)) ?? ""
+        let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+        return Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0
+    }
+
+    public func client(agentID: [UInt8] = ClusterSecret.randomBytes(16), secret: String = "test-cluster-secret-0123456789abcdef")
+        throws -> MemserverClient
+    {
+        try MemserverClient(host: "127.0.0.1", port: port, agentID: agentID, name: "test-agent",
+                            secret: try ClusterSecret(Array(secret.utf8)), ioTimeoutMilliseconds: 5000)
+    }
+
+    public func stop() {
+        if process.isRunning {
+            process.terminate()
+            process.waitUntilExit()
+        }
+    }
+
+    deinit {
+        stop()
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+}
+

@@ -1,0 +1,169 @@
+import FarpageKernel
+import FarpageProtocol
+import FarpageTestSupport
+import FarpageTransport
+import Foundation
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The pool: real memory-server processes on loopback ports, a real agent, real clients.
+@Suite("Pool", .serialized)
+struct PoolTests {
+    func startServers(_ n: Int, capacity: String = "256MiB") throws -> [MemserverProcess] {
+        try (0..<n).map { _ in try MemserverProcess(capacity: capacity, leaseSize: "1MiB") }
+    }
+
+    func startAgent(_ servers: [MemserverProcess], secretPath: String? = nil, spill: String = "1GiB") throws -> AgentProcess {
+        let list = servers.map { "\"127.0.0.1:\($0.port)\"" }.joined(separator: ", ")
+        return try AgentProcess(config: """
+            [pool]
+            servers = [\(list)]
+            secret_file = "\(secretPath ?? servers[0].secretPath)"
+            heartbeat = "200ms"
+            io_timeout = "1s"
+            """, storeCapacity: spill)
+    }
+
+    func pool(_ agent: AgentProcess) throws -> [PoolServer] {
+        guard case .json(let text, _) = try agent.call(.poolJSON) else { throw TestSupportError("no pool JSON") }
+        let d = JSONDecoder()
+        d.keyDecodingStrategy = .convertFromSnakeCase
+        return try d.decode([PoolServer].self, from: Data(text.utf8))
+    }
+
+    func workload(_ agent: AgentProcess, _ args: [String]) throws -> (Process, Pipe) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: binary("fp-workload"))
+        p.arguments = ["--socket", agent.socket, "--json"] + args
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = out
+        try p.run()
+        return (p, out)
+    }
+
+    func finish(_ w: (Process, Pipe)) -> (Int32, Process.TerminationReason, String) {
+        let text = String(decoding: w.1.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        w.0.waitUntilExit()
+        return (w.0.terminationStatus, w.0.terminationReason, text)
+    }
+
+    func leasesHeld(on server: MemserverProcess) throws -> UInt32 {
+        let c = try server.client()
+        defer { c.close() }
+        guard case .pong(let s) = try c.call(.ping) else { throw TestSupportError("no pong") }
+        return s.leasesHeld
+    }
+
+    /// Test 1: a region 4x its budget spread over 3 memory servers: write, verify, rewrite, verify.
+    @Test func aRegionFourTimesItsBudgetSpreadsOverThreeServers() throws {
+        let servers = try startServers(3)
+        let agent = try startAgent(servers)
+        defer { agent.stop() }
+        let (rc, _, out) = finish(try workload(agent, ["--size", "64MiB", "--budget", "16MiB", "--passes", "2", "--hold", "1"]))
+        #expect(rc == 0 && out.contains("\"failures\":0"), "\(out)")
+        // Pages went to the servers, spread by free capacity; none needed the local spill.
+        let report = try pool(agent)
+        let used = report.filter { $0.transport == "tcp" && $0.leases > 0 }
+        #expect(used.count >= 2, "pages did not spread: \(report.map { "\($0.address)=\($0.leases)" })")
+        #expect(report.first { $0.transport == "local" }?.leases == 0, "pages went to the local spill")
+        for s in servers { #expect(try leasesHeld(on: s) <= 64) }
+    }
+
+    /// Test 2: detach one server mid-workload: the workload finishes byte-exact and the server
+    /// ends with no lease held.
+    @Test func detachingAServerMidWorkloadMovesItsPagesAndReleasesItsLeases() throws {
+        let servers = try startServers(3)
+        let agent = try startAgent(servers)
+        defer { agent.stop() }
+        let w = try workload(agent, ["--size", "32MiB", "--budget", "4MiB", "--passes", "4", "--threads", "2"])
+        // Let pages land everywhere, then detach the server holding the most.
+        let deadline = Date().addingTimeInterval(30)
+        var victim: PoolServer?
+        while Date() < deadline {
+            victim = try pool(agent).filter { $0.transport == "tcp" }.max { $0.storedPages < $1.storedPages }
+            if let v = victim, v.storedPages > 500 { break }
+            usleep(50_000)
+        }
+        let target = try #require(victim)
+        #expect(try agent.call(.poolDetach(address: target.address)) == .ok(0, 0))
+        var status = ""
+        while Date() < deadline {
+            status = try pool(agent).first { $0.address == target.address }?.status ?? "gone"
+            if status == "detached" || status == "failed" { break }
+            usleep(50_000)
+        }
+        #expect(status == "detached")
+        let (rc, _, out) = finish(w)
+        #expect(rc == 0 && out.contains("\"failures\":0"), "the workload saw bad data after the detach: \(out)")
+        let server = try #require(servers.first { "127.0.0.1:\($0.port)" == target.address })
+        #expect(try leasesHeld(on: server) == 0, "the detached server still lends leases to the agent")
+        #expect(agent.logText.contains("memory server detached: all its pages moved"))
+    }
+
+    /// Test 3: attach a new server mid-workload: new leases land on it.
+    @Test func anAttachedServerReceivesNewLeases() throws {
+        let servers = try startServers(1)
+        let agent = try startAgent(servers)
+        defer { agent.stop() }
+        let late = try MemserverProcess(capacity: "256MiB", leaseSize: "1MiB")
+        let w = try workload(agent, ["--size", "32MiB", "--budget", "4MiB", "--passes", "3"])
+        usleep(500_000)
+        #expect(try agent.call(.poolAttach(address: "127.0.0.1:\(late.port)")) == .ok(0, 0))
+        let (rc, _, out) = finish(w)
+        #expect(rc == 0 && out.contains("\"failures\":0"), "\(out)")
+        let report = try pool(agent)
+        let row = try #require(report.first { $0.address == "127.0.0.1:\(late.port)" })
+        #expect(row.status == "healthy")
+        #expect(try leasesHeld(on: late) > 0, "no lease was placed on the new server")
+        _ = row
+    }
+
+    /// Test 5: an agent with the wrong secret gets nothing from a server; the operator is told why.
+    @Test func aWrongSecretIsRefusedAndReported() throws {
+        let servers = try startServers(1)
+        let wrong = servers[0].directory + "/wrong.secret"
+        try "a-different-secret-0123456789abcdef".write(toFile: wrong, atomically: true, encoding: .utf8)
+        chmod(wrong, 0o600)
+        let agent = try startAgent(servers, secretPath: wrong)
+        defer { agent.stop() }
+        #expect(agent.logText.contains("memory server not reachable yet"))
+        #expect(agent.logText.contains("refused authentication"), "\(agent.logText)")
+        guard case .error(_, _, let message) = try agent.call(.poolAttach(address: "127.0.0.1:\(servers[0].port)")) else {
+            Issue.record("attach with a wrong secret succeeded")
+            return
+        }
+        #expect(message.contains("authentication"))
+        #expect(try pool(agent).allSatisfy { $0.transport == "local" })
+        #expect(try leasesHeld(on: servers[0]) == 0)
+        #expect(servers[0].logText.contains("authentication failed"))
+    }
+
+    /// A memory server that dies: the agent notices, and pages that only it held are never
+    /// served as zeros — the client gets SIGBUS (poisoned pages). New evictions go elsewhere.
+    @Test func aServerThatDiesIsReportedAndItsPagesArePoisonedNotZeroed() throws {
+        let servers = try startServers(1)
+        let agent = try startAgent(servers)
+        defer { agent.stop() }
+        let w = try workload(agent, ["--size", "32MiB", "--budget", "4MiB", "--passes", "200"])
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline, (try pool(agent).first { $0.transport == "tcp" }?.storedPages ?? 0) < 2000 { usleep(50_000) }
+        kill(servers[0].process.processIdentifier, SIGKILL)
+        let (_, reason, out) = finish(w)
+        #expect(reason == .uncaughtSignal && w.0.terminationStatus == SIGBUS,
+                "the client should die of SIGBUS on a lost page, got \(reason) \(w.0.terminationStatus): \(out)")
+        #expect(!out.contains("MISMATCH"), "a lost page was served with wrong contents: \(out)")
+        var status = ""
+        while Date() < deadline {
+            status = try pool(agent).first { $0.transport == "tcp" }?.status ?? ""
+            if status == "failed" { break }
+            usleep(50_000)
+        }
+        #expect(status == "failed")
+        #expect(agent.logText.contains("memory server failed"))
+        #expect(agent.logText.contains("poisoning it"))
+    }
+}
