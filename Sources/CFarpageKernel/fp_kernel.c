@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -540,6 +541,12 @@ int fp_sd_notify(const char *state) {
     int e = errno;
     close(fd);
     return n < 0 ? -e : 1;
+}
+
+void fp_malloc_tune(size_t mmap_threshold, size_t trim_threshold, int max_arenas) {
+    mallopt(M_MMAP_THRESHOLD, (int)mmap_threshold);
+    mallopt(M_TRIM_THRESHOLD, (int)trim_threshold);
+    if (max_arenas > 0) mallopt(M_ARENA_MAX, max_arenas);
 }
 
 int fp_set_thread_name(const char *name) {

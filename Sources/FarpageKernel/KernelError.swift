@@ -40,6 +40,10 @@ func check64(_ result: Int64, _ call: @autoclosure () -> String) throws(KernelEr
 /// Monotonic clock in nanoseconds.
 public func monotonicNanoseconds() -> UInt64 { fp_monotonic_ns() }
 
+/// Keeps large buffers out of malloc arenas (see `fp_malloc_tune`); for daemons that move
+/// megabyte page batches, so their footprint follows their load instead of creeping up.
+public func tuneAllocatorForLargeBuffers() { fp_malloc_tune(128 * 1024, 1 << 20, 4) }
+
 /// The system page size in bytes.
 public let systemPageSize: Int = Int(fp_page_size())
 

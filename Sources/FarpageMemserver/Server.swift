@@ -5,6 +5,10 @@ import NIOCore
 import NIOPosix
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Splits the TCP stream into frames. The header is validated before the body is buffered,
 /// so a peer that claims a huge length is cut off without costing memory.
 final class MemFrameDecoder: ByteToMessageDecoder {
@@ -47,10 +51,14 @@ final class AgentSessions: @unchecked Sendable {
         }
     }
 
-    func detach(_ agent: AgentID, channel: any Channel) {
+    /// - Parameter holdsLeases: whether the agent still holds leases; one that holds none is
+    ///   forgotten at once (there is nothing to keep through a grace period).
+    func detach(_ agent: AgentID, channel: any Channel, holdsLeases: Bool) {
         sessions.withLock { s in
             s[agent]?.channels[ObjectIdentifier(channel)] = nil
-            if s[agent]?.channels.isEmpty == true { s[agent]!.disconnectedAt = monotonicNanoseconds() }
+            if s[agent]?.channels.isEmpty == true {
+                if holdsLeases { s[agent]!.disconnectedAt = monotonicNanoseconds() } else { s[agent] = nil }
+            }
         }
     }
 
@@ -87,6 +95,11 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
     /// Requests read while the peer was not taking its replies: served once it drains them.
     /// Reading stops meanwhile, so this holds at most what one socket read delivered.
     var deferred: [(MemHeader, [UInt8])] = []
+    /// Closes a connection that has not authenticated in time; cancelled once it has.
+    var handshakeTimer: Scheduled<Void>?
+    /// The agent this connection is registered for in `AgentSessions` (whatever the state
+    /// later becomes: a connection closed for an error must still be unregistered).
+    var attachedAgent: AgentID?
 
     init(server: Memserver, logger: Logger) {
         self.server = server
@@ -98,15 +111,21 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
         // A peer that does not authenticate in time is dropped: it holds a connection slot.
         let channel = context.channel
         let timeout = server.config.handshakeTimeoutSeconds
-        context.eventLoop.scheduleTask(in: .milliseconds(Int64(timeout * 1000))) { [self] in
-            if case .ready = state { return }
+        let logger = self.logger
+        // The timer holds only the channel (not this handler), and is cancelled on success or close.
+        handshakeTimer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(timeout * 1000))) {
             logger.notice("closing a connection that did not authenticate within \(timeout)s")
             channel.close(promise: nil)
         }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if case .ready(let agent) = state { server.sessions.detach(agent, channel: context.channel) }
+        handshakeTimer?.cancel()
+        handshakeTimer = nil
+        if let agent = attachedAgent {
+            server.sessions.detach(agent, channel: context.channel, holdsLeases: server.leases.leaseCount(owner: agent) > 0)
+            attachedAgent = nil
+        }
         state = .closing
         context.fireChannelInactive()
     }
@@ -172,8 +191,11 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
                 return
             }
             state = .ready(agent)
+            handshakeTimer?.cancel()
+            handshakeTimer = nil
             logger[metadataKey: "fp.agent"] = "\(agent)"
             server.sessions.attach(agent, name: name, channel: context.channel)
+            attachedAgent = agent
             logger.info("agent authenticated", metadata: ["fp.name": "\(name)"])
             let proof = server.secret.serverProof(serverNonce: serverNonce, clientNonce: clientNonce, agentID: agent.bytes)
             send(context, .authOK(mac: proof, leaseBytes: UInt64(server.leases.leaseBytes),
@@ -255,6 +277,10 @@ public final class Memserver: @unchecked Sendable {
     private var channel: (any Channel)?
 
     public init(config: MemserverConfig, secret: ClusterSecret, logger: Logger) {
+        // Page batches are up to 1 MiB: keep such buffers mmapped and returned to the kernel
+        // when freed. glibc otherwise raises its mmap threshold after the first free and serves
+        // them from arenas that keep the memory, and the server's footprint creeps up with traffic.
+        tuneAllocatorForLargeBuffers()
         self.config = config
         self.secret = secret
         self.logger = logger

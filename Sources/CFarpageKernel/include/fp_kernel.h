@@ -175,6 +175,10 @@ int fp_eventfd_drain(int fd);
 /* sd_notify(3) protocol: one datagram to $NOTIFY_SOCKET. 0 when unset. */
 int fp_sd_notify(const char *state);
 int fp_set_thread_name(const char *name);
+/* Servers moving large page batches: serve allocations >= mmap_threshold with mmap (returned to
+ * the kernel on free, with no dynamic raising of the threshold), trim heaps above trim_threshold,
+ * and use at most max_arenas malloc arenas. */
+void fp_malloc_tune(size_t mmap_threshold, size_t trim_threshold, int max_arenas);
 uint64_t fp_monotonic_ns(void);
 int fp_page_size(void);
 
