@@ -484,6 +484,24 @@ int fp_recv_all(int fd, void *buf, size_t len) {
     return 0;
 }
 
+int fp_recv_all_spin(int fd, void *buf, size_t len, int spin_us) {
+    char *p = buf;
+    uint64_t deadline = fp_monotonic_ns() + (uint64_t)spin_us * 1000u;
+    while (len > 0) {
+        ssize_t n = recv(fd, p, len, MSG_DONTWAIT);
+        if (n > 0) {
+            p += n;
+            len -= (size_t)n;
+            continue;
+        }
+        if (n == 0) return -ECONNRESET;
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) return -errno;
+        if (fp_monotonic_ns() >= deadline) return fp_recv_all(fd, p, len);
+    }
+    return 0;
+}
+
 int fp_shutdown(int fd) { return shutdown(fd, SHUT_RDWR) < 0 ? -errno : 0; }
 
 /* ---- processes, polling, notification ---------------------------------- */

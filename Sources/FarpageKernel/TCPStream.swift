@@ -34,6 +34,15 @@ public final class TCPStream: @unchecked Sendable {
         return out
     }
 
+    /// Exactly `count` bytes, polling for up to `spinMicroseconds` before sleeping.
+    public func receive(exactly count: Int, spinMicroseconds: Int32) throws(KernelError) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        if count == 0 { return out }
+        let r = out.withUnsafeMutableBytes { fp_recv_all_spin(descriptor.rawValue, $0.baseAddress, count, spinMicroseconds) }
+        _ = try check(r, "recv")
+        return out
+    }
+
     public func receive(into pointer: UnsafeMutableRawPointer, count: Int) throws(KernelError) {
         _ = try check(fp_recv_all(descriptor.rawValue, pointer, count), "recv")
     }

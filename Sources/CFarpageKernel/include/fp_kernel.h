@@ -153,6 +153,9 @@ int fp_tcp_connect(const char *host, int port, int timeout_ms, int io_timeout_ms
  * -errno, or -ECONNRESET when the peer closed. EAGAIN means the I/O timeout passed. */
 int fp_send_all(int fd, const void *buf, size_t len);
 int fp_recv_all(int fd, void *buf, size_t len);
+/* As fp_recv_all, but polls (MSG_DONTWAIT) for up to spin_us microseconds before blocking:
+ * a reply that arrives within that time costs no sleep and no wake-up of this thread. */
+int fp_recv_all_spin(int fd, void *buf, size_t len, int spin_us);
 int fp_shutdown(int fd);
 
 /* ---- processes, polling, notification ---------------------------------- */
