@@ -225,7 +225,16 @@ extension Wire {
             guard r.remaining >= 3, r.remaining <= 255 else {
                 throw WireError(message: "pool address must be 3...255 bytes, got \(r.remaining)", fatal: false, requestID: h.requestID)
             }
-            let address = String(decoding: bytes[headerSize...], as: UTF8.self)
+            // HOST:PORT in plain ASCII: letters, digits and . - : [ ] only.
+            let raw = bytes[headerSize...]
+            let allowed: (UInt8) -> Bool = { c in
+                (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5A) || (c >= 0x61 && c <= 0x7A) || c == 0x2E || c == 0x2D
+                    || c == 0x3A || c == 0x5B || c == 0x5D
+            }
+            guard raw.allSatisfy(allowed) else {
+                throw WireError(message: "pool address must be HOST:PORT in ASCII", fatal: false, requestID: h.requestID)
+            }
+            let address = String(decoding: raw, as: UTF8.self)
             return (h, type == .poolAttach ? .poolAttach(address: address) : .poolDetach(address: address))
         case .poolJSON:
             try need(0, "POOL")

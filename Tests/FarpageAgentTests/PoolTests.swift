@@ -130,6 +130,9 @@ struct PoolTests {
         chmod(wrong, 0o600)
         let agent = try startAgent(servers, secretPath: wrong)
         defer { agent.stop() }
+        // The configured server is tried as the agent starts; wait for the verdict in its log.
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline, !agent.logText.contains("memory server not reachable yet") { usleep(20_000) }
         #expect(agent.logText.contains("memory server not reachable yet"))
         #expect(agent.logText.contains("refused authentication"), "\(agent.logText)")
         guard case .error(_, _, let message) = try agent.call(.poolAttach(address: "127.0.0.1:\(servers[0].port)")) else {
