@@ -59,8 +59,9 @@ install: build lib
 	install -m 0755 $(RELEASE)/libfarpage.so $(DESTDIR)$(PREFIX)/lib/libfarpage.so.1
 	ln -sf libfarpage.so.1 $(DESTDIR)$(PREFIX)/lib/libfarpage.so
 	install -m 0644 Sources/CFarpageClient/include/farpage.h $(DESTDIR)$(PREFIX)/include/
-	install -m 0644 systemd/farpaged-agent.service $(DESTDIR)/etc/systemd/system/
+	install -m 0644 systemd/farpaged-agent.service systemd/farpaged-memserver.service $(DESTDIR)/etc/systemd/system/
 	[ -e $(DESTDIR)/etc/farpage/agent.toml ] || install -m 0644 config/agent.toml $(DESTDIR)/etc/farpage/agent.toml
+	[ -e $(DESTDIR)/etc/farpage/memserver.toml ] || install -m 0644 config/memserver.toml $(DESTDIR)/etc/farpage/memserver.toml
 
 clean:
 	rm -rf .build bench-results

@@ -11,7 +11,12 @@ import Synchronization
 /// The agent could not start; the message says what to change.
 public struct AgentStartError: Error, CustomStringConvertible {
     public let description: String
-    public init(_ description: String) { self.description = description }
+    /// The configuration is at fault (exit 78, EX_CONFIG) rather than the host (exit 69).
+    public let isConfiguration: Bool
+    public init(_ description: String, isConfiguration: Bool = false) {
+        self.description = description
+        self.isConfiguration = isConfiguration
+    }
 }
 
 /// The paging agent: owns the far tier, the regions, the fault and eviction threads and the control socket.
@@ -56,7 +61,9 @@ public final class Agent: @unchecked Sendable {
         let page = UInt64(systemPageSize)
         var secret: ClusterSecret? = nil
         if let path = config.poolSecretFile {
-            do { secret = try ClusterSecret.load(path: path) } catch { throw AgentStartError("pool.secret_file: \(error)") }
+            do { secret = try ClusterSecret.load(path: path) } catch {
+                throw AgentStartError("pool.secret_file: \(error)", isConfiguration: true)
+            }
         }
         store = PoolStore(spillBytes: config.storeCapacity, agentID: ClusterSecret.randomBytes(16),
                           agentName: "farpaged-\(getpid())", secret: secret,

@@ -285,7 +285,7 @@ public final class Memserver: @unchecked Sendable {
         self.secret = secret
         self.logger = logger
         leases = LeaseTable(capacityBytes: config.capacityBytes, leaseBytes: config.leaseBytes)
-        group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, config.threads))
+        group = MultiThreadedEventLoopGroup(numberOfThreads: config.effectiveThreads)
     }
 
     var isDraining: Bool { draining.load(ordering: .relaxed) }

@@ -353,10 +353,13 @@ extension Region {
                     c.queue.push(page)
                     continue
                 }
-                guard let kind = PageTransitions.beginEviction(&e) else {
+                guard var kind = PageTransitions.beginEviction(&e) else {
                     c.queue.push(page)  // an un-protect is in flight: not now
                     continue
                 }
+                // A clean page whose far copy cannot be read now (its server failed) is written
+                // again instead of only punched: the local copy may be the only good one left.
+                if kind == .clean, let l = e.location, !store.isReadable(l) { kind = .writeBack }
                 e.queued = false
                 c.table[page] = e
                 victims.append((page, kind))

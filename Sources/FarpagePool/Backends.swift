@@ -14,8 +14,10 @@ protocol LeaseBackend: AnyObject, Sendable {
     var leaseBytes: UInt64 { get }
     func allocateLeases(_ count: Int) throws(TransportError) -> [UInt64]
     func freeLease(_ id: UInt64) throws(TransportError)
-    /// Reads `pages` pages at `offset` of lease `id` into `into`, verifying every checksum.
-    func read(lease id: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer) throws(TransportError)
+    /// Reads `pages` pages at `offset` of lease `id` into `into`, verifying every checksum
+    /// (`allowUnwritten`: a slot never written reads as zeros instead of failing).
+    func read(lease id: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer, allowUnwritten: Bool)
+        throws(TransportError)
     /// Writes `pages` contiguous pages from `from`.
     func write(lease id: UInt64, offset: UInt64, pages: Int, from: UnsafeRawPointer) throws(TransportError)
 }
@@ -32,6 +34,9 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
     private let idle = Mutex<[MemserverClient]>([])
     private(set) var leaseBytes: UInt64 = 0
     private(set) var capacityBytes: UInt64 = 0
+    /// The server's identity at first contact. A server that restarted has a new one, and
+    /// none of our leases: its pages are gone, and it must not be taken for healthy again.
+    private(set) var serverID: [UInt8] = []
 
     var name: String { "\(host):\(port)" }
 
@@ -47,12 +52,18 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
         let first = try connect()
         leaseBytes = first.leaseBytes
         capacityBytes = first.capacityBytes
+        serverID = first.serverID
         idle.withLock { $0.append(first) }
     }
 
     private func connect() throws(TransportError) -> MemserverClient {
-        try MemserverClient(host: host, port: port, agentID: agentID, name: agentName, secret: secret,
-                            ioTimeoutMilliseconds: ioTimeoutMilliseconds)
+        let client = try MemserverClient(host: host, port: port, agentID: agentID, name: agentName, secret: secret,
+                                         ioTimeoutMilliseconds: ioTimeoutMilliseconds)
+        if !serverID.isEmpty && client.serverID != serverID {
+            client.close()
+            throw TransportError(.restarted, "\(host):\(port) restarted since we attached: the pages it held are gone")
+        }
+        return client
     }
 
     /// Runs `body` on a pooled connection. A connection that failed is dropped, not reused.
@@ -95,7 +106,11 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
         _ = try withConnection { c throws(TransportError) in try c.call(.leaseFree(leaseID: id)) }
     }
 
-    func read(lease id: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer) throws(TransportError) {
+    /// - Parameter allowUnwritten: accept slots never written (stored checksum 0 and zero data);
+    ///   a drain copies whole leases, including slots reserved by a write that failed.
+    func read(lease id: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer, allowUnwritten: Bool)
+        throws(TransportError)
+    {
         let reply = try withConnection { c throws(TransportError) in try c.call(.read(leaseID: id, offset: offset, pages: pages)) }
         guard case .data(let sums, let data) = reply, sums.count == pages, data.count == pages * MemWire.pageSize else {
             throw TransportError(.protocolViolation, "\(name) answered READ with the wrong amount of data")
@@ -106,6 +121,7 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
             memcpy(into, buffer.baseAddress!, pages * MemWire.pageSize)
         }
         for i in 0..<pages where computed[i] != sums[i] {
+            if allowUnwritten && sums[i] == 0 && isZero(into + i * MemWire.pageSize) { continue }
             throw TransportError(.corrupt, "\(name): page \(i) of lease \(id) at offset \(offset) does not match its checksum")
         }
     }
@@ -160,11 +176,20 @@ final class LocalSpillBackend: LeaseBackend, @unchecked Sendable {
         return b.base
     }
 
-    func read(lease id: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer) throws(TransportError) {
+    func read(lease id: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer, allowUnwritten: Bool)
+        throws(TransportError)
+    {
         memcpy(into, try base(id) + Int(offset), pages * MemWire.pageSize)
     }
 
     func write(lease id: UInt64, offset: UInt64, pages: Int, from: UnsafeRawPointer) throws(TransportError) {
         memcpy(try base(id) + Int(offset), from, pages * MemWire.pageSize)
     }
+}
+
+private func isZero(_ page: UnsafeRawPointer) -> Bool {
+    let words = page.assumingMemoryBound(to: UInt64.self)
+    var acc: UInt64 = 0
+    for i in 0..<(MemWire.pageSize / 8) { acc |= words[i] }
+    return acc == 0
 }

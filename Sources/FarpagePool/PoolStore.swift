@@ -48,6 +48,8 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         let backend: any LeaseBackend
         let isLocal: Bool
         var status: ServerStatus = .healthy  // guarded by PoolStore.state
+        /// Restarted, or its drain failed: heartbeats no longer bring it back to healthy.
+        var permanentlyFailed = false
         var capacityBytes: UInt64
         let errors = Atomic<UInt64>(0)
         var lastError = ""
@@ -62,7 +64,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     final class Lease: @unchecked Sendable {
         var server: Server  // changes only under `lock` held exclusively (migration)
         var remoteID: UInt64
-        let pages: Int
+        var pages: Int
         var freeSlots: [UInt32] = []
         var nextFresh = 0
         var used = 0
@@ -175,11 +177,19 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                     logger.error("no capacity anywhere to drain a lease into", metadata: ["fp.server": "\(server.address)"])
                     return false
                 }
+                let targetPages = Int(target.backend.leaseBytes) / pageSize
+                guard targetPages >= lease.nextFresh else {
+                    logger.error("cannot drain: the target's leases are smaller than this one's used part; use one lease_size across the pool",
+                                 metadata: ["fp.server": "\(server.address)", "fp.target": "\(target.address)"])
+                    try? target.backend.freeLease(remoteID)
+                    return false
+                }
                 var page = 0
                 while page < lease.nextFresh {
                     let n = min(MemWire.maxPagesPerIO, lease.nextFresh - page)
                     do {
-                        try server.backend.read(lease: lease.remoteID, offset: UInt64(page * pageSize), pages: n, into: buffer)
+                        try server.backend.read(lease: lease.remoteID, offset: UInt64(page * pageSize), pages: n, into: buffer,
+                                                allowUnwritten: true)
                         try target.backend.write(lease: remoteID, offset: UInt64(page * pageSize), pages: n, from: buffer)
                     } catch {
                         logger.error("draining a lease failed", metadata: ["fp.server": "\(server.address)", "fp.error": "\(error)"])
@@ -191,12 +201,22 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 let old = lease.remoteID
                 lease.server = target
                 lease.remoteID = remoteID
+                state.withLock { _ in
+                    lease.pages = min(lease.pages, targetPages)
+                    lease.freeSlots.removeAll { Int($0) >= lease.pages }
+                }
                 try? server.backend.freeLease(old)
                 return true
             }
             if !moved { ok = false }
         }
-        state.withLock { _ in server.status = ok ? .detached : .failed }
+        state.withLock { _ in
+            server.status = ok ? .detached : .failed
+            if !ok {
+                server.permanentlyFailed = true
+                server.lastError = "drain failed: see the agent's log"
+            }
+        }
         if ok {
             (server.backend as? RemoteBackend)?.closeAll()
             logger.notice("memory server detached: all its pages moved", metadata: ["fp.server": "\(server.address)", "fp.leases": "\(leases.count)"])
@@ -208,7 +228,9 @@ public final class PoolStore: PageStore, @unchecked Sendable {
 
     /// Pings remote servers; marks them failed or healthy again. Call periodically.
     public func heartbeat() {
-        let servers = state.withLock { s in s.servers.filter { !$0.isLocal && ($0.status == .healthy || $0.status == .failed) } }
+        let servers = state.withLock { s in
+            s.servers.filter { !$0.isLocal && !$0.permanentlyFailed && ($0.status == .healthy || $0.status == .failed) }
+        }
         for server in servers {
             guard let remote = server.backend as? RemoteBackend else { continue }
             do {
@@ -230,6 +252,10 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         server.errors.wrappingAdd(1, ordering: .relaxed)
         let wasHealthy = state.withLock { _ -> Bool in
             server.lastError = error.message
+            if error.kind == .restarted {
+                server.permanentlyFailed = true
+                server.status = .failed
+            }
             defer { if server.status == .healthy, error.kind != .corrupt { server.status = .failed } }
             return server.status == .healthy
         }
@@ -379,7 +405,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             let failure: TransportError? = lease.shared {
                 do {
                     try lease.server.backend.read(lease: lease.remoteID, offset: UInt64(slot * pageSize), pages: 1,
-                                                  into: batch.buffers[i])
+                                                  into: batch.buffers[i], allowUnwritten: false)
                     return nil
                 } catch let error as TransportError {
                     return error
@@ -456,11 +482,20 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             if let failed {
                 noteFailure(lease.server, failed)
                 for i in run { batch.errors[i] = StoreError(.unavailable, failed.message) }
+                // Slots reserved for this batch go back (a page that already owned its slot keeps it).
+                release(run.filter { batch.locations[$0] == nil }.map { targets[$0]! })
             } else {
                 for i in run { batch.locations[i] = targets[i] }
             }
         }
         release(stale)
+    }
+
+    /// Whether the far copy at `location` can be read now. A clean page whose copy is on a
+    /// failed server must be written elsewhere before its local copy may be dropped.
+    public func isReadable(_ location: PageLocation) -> Bool {
+        guard let (lease, _) = lease(of: location) else { return false }
+        return state.withLock { _ in lease.server.status != .failed }
     }
 
     public func release(_ locations: [PageLocation]) {

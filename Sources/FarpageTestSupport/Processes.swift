@@ -130,7 +130,9 @@ public final class MemserverProcess: @unchecked Sendable {
     public let log: String
     public private(set) var port = 0
 
-    public init(capacity: String = "64MiB", leaseSize: String = "4MiB", grace: String = "30s", secret: String? = nil) throws {
+    public init(capacity: String = "64MiB", leaseSize: String = "4MiB", grace: String = "30s", secret: String? = nil,
+                port listenPort: Int = 0) throws
+    {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("fp-ms-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         secretPath = directory + "/cluster.secret"
@@ -139,7 +141,7 @@ public final class MemserverProcess: @unchecked Sendable {
         log = directory + "/memserver.log"
         try """
             [memserver]
-            listen = "127.0.0.1:0"
+            listen = "127.0.0.1:\(listenPort)"
             capacity = "\(capacity)"
             lease_size = "\(leaseSize)"
             secret_file = "\(secretPath)"

@@ -83,6 +83,12 @@ public protocol PageStore: AnyObject, Sendable {
     func submit(_ batch: PageIOBatch, completion: @escaping @Sendable (PageIOBatch) -> Void)
     /// Frees locations whose pages are no longer needed.
     func release(_ locations: [PageLocation])
+    /// Whether the copy at `location` can be read now (its tier is up).
+    func isReadable(_ location: PageLocation) -> Bool
+}
+
+extension PageStore {
+    public func isReadable(_ location: PageLocation) -> Bool { true }
 }
 
 extension PageStore {

@@ -13,6 +13,8 @@ public struct TransportError: Error, CustomStringConvertible, Sendable, Equatabl
         case protocolViolation
         /// Data did not match its checksum.
         case corrupt
+        /// The server restarted: its leases, and the pages in them, are gone.
+        case restarted
     }
     public let kind: Kind
     public let message: String

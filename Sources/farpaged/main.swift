@@ -62,7 +62,7 @@ struct AgentCommand: AsyncParsableCommand {
         do { agent = try Agent(config: cfg, logger: logger) } catch {
             logger.critical("cannot start: \(error)")
             FileHandle.standardError.write(Data("farpaged: \(error)\n".utf8))
-            throw ExitCode(69)  // EX_UNAVAILABLE
+            throw ExitCode(error.isConfiguration ? 78 : 69)  // EX_CONFIG or EX_UNAVAILABLE
         }
         if check {
             print("configuration OK; userfaultfd via \(agent.probe.access.rawValue); features: \(agent.probe.features.names.joined(separator: " "))")
@@ -121,7 +121,13 @@ struct MemserverCommand: AsyncParsableCommand {
             FileHandle.standardError.write(Data("farpaged: \(error)\n".utf8))
             throw ExitCode(78)
         }
-        if let logLevel, let level = Logger.Level(rawValue: logLevel.lowercased()) { cfg.logLevel = level }
+        if let logLevel {
+            guard let level = Logger.Level(rawValue: logLevel.lowercased()) else {
+                FileHandle.standardError.write(Data("farpaged: unknown --log-level '\(logLevel)'; use trace, debug, info, notice, warning, error or critical\n".utf8))
+                throw ExitCode(78)
+            }
+            cfg.logLevel = level
+        }
         let level = cfg.logLevel
         LoggingSystem.bootstrap { label in
             var h = StreamLogHandler.standardError(label: label)

@@ -145,6 +145,38 @@ struct PoolTests {
         #expect(servers[0].logText.contains("authentication failed"))
     }
 
+    /// A memory server that restarts on the same address has lost every page it held: the
+    /// agent must see that it is not the same server (its identity changed) and poison those
+    /// pages as lost (reads fail, the fault path poisons), never take it back as healthy.
+    @Test func aRestartedServerIsRecognisedAndNotTakenBack() throws {
+        let first = try MemserverProcess(capacity: "256MiB", leaseSize: "1MiB")
+        let port = first.port
+        let agent = try startAgent([first])
+        defer { agent.stop() }
+        let w = try workload(agent, ["--size", "32MiB", "--budget", "4MiB", "--passes", "1", "--hold", "3"])
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline, (try pool(agent).first { $0.transport == "tcp" }?.storedPages ?? 0) < 4000 { usleep(50_000) }
+        _ = finish(w)
+        // Pages are far on the first server. Restart it on the same port.
+        let holder = try workload(agent, ["--size", "32MiB", "--budget", "4MiB", "--passes", "1", "--hold", "30"])
+        while Date() < deadline, (try pool(agent).first { $0.transport == "tcp" }?.storedPages ?? 0) < 4000 { usleep(50_000) }
+        first.stop()
+        let second = try MemserverProcess(capacity: "256MiB", leaseSize: "1MiB", port: port)
+        defer { second.stop() }
+        var status = ""
+        while Date() < deadline {
+            status = try pool(agent).first { $0.transport == "tcp" }?.status ?? ""
+            if status == "failed" && agent.logText.contains("restarted since we attached") { break }
+            usleep(100_000)
+        }
+        #expect(status == "failed")
+        #expect(agent.logText.contains("restarted since we attached"))
+        usleep(1_000_000)  // several heartbeats: it must stay failed
+        #expect(try pool(agent).first { $0.transport == "tcp" }?.status == "failed")
+        holder.0.terminate()
+        _ = finish(holder)
+    }
+
     /// A memory server that dies: the agent notices, and pages that only it held are never
     /// served as zeros — the client gets SIGBUS (poisoned pages). New evictions go elsewhere.
     @Test func aServerThatDiesIsReportedAndItsPagesArePoisonedNotZeroed() throws {
