@@ -130,6 +130,43 @@ for placement in "${placements[@]}"; do
     fi
 done
 
+# --- 3b. the pool: two memory servers on loopback --------------------------------
+# The agent and both memory servers share CPU 1, the client runs on CPU 0. The peer floor
+# for a fault is the two-CPU userfaultfd floor plus one TCP round trip on one CPU (agent to
+# memory server), both measured above in this run.
+${CC:-gcc} -O2 -Wall -Wextra -o "$bin/tcp_floor" "$here/tcp-floor/tcp_floor.c"
+echo "== TCP loopback floor"
+"$bin/tcp_floor" --cpu 1,1 | tee -a "$results"
+if [[ $(nproc) -ge 2 ]]; then "$bin/tcp_floor" --cpu 0,1 | tee -a "$results"; fi
+head -c 32 /dev/urandom | base64 >"$tmp/cluster.secret"
+chmod 600 "$tmp/cluster.secret"
+pool_pids=()
+pool_servers=()
+for i in 1 2; do
+    taskset -c "$((($(nproc) > 1) ? 1 : 0))" "$bin/farpaged" memserver --listen 127.0.0.1:0 --capacity 4GiB \
+        --secret-file "$tmp/cluster.secret" --log-level info 2>"$tmp/memserver$i.log" &
+    pool_pids+=($!)
+    for _ in $(seq 100); do grep -q "fp.listen=127.0.0.1:" "$tmp/memserver$i.log" && break; sleep 0.1; done
+    pool_servers+=("\"127.0.0.1:$(sed -n 's/.*fp.listen=127.0.0.1:\([0-9]*\).*/\1/p' "$tmp/memserver$i.log" | head -1)\"")
+done
+cat >>"$tmp/agent.toml" <<EOF
+[pool]
+servers = [$(IFS=,; echo "${pool_servers[*]}")]
+secret_file = "$tmp/cluster.secret"
+EOF
+echo "== farpage-bench, pool: agent and 2 memory servers on CPU $((($(nproc) > 1) ? 1 : 0)), client on CPU 0"
+start_agent "$((($(nproc) > 1) ? 1 : 0))"
+taskset -c 0 "$bin/farpage-bench" --socket "$sock" --label pool --json-only --evicting-faults 5000 |
+    tee -a "$results" || bench_rc=$?
+stop_agent
+ms_rss_kib=0
+for pid in "${pool_pids[@]}"; do
+    ms_rss_kib=$((ms_rss_kib + $(awk '/VmRSS/ {print $2}' "/proc/$pid/status")))
+    kill -TERM "$pid" 2>/dev/null || true
+done
+for pid in "${pool_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+printf '{"name":"memserver_memory","rss_kib_total":%s}\n' "$ms_rss_kib" | tee -a "$results"
+
 # --- 4. summary ---------------------------------------------------------------
 # field NAME KEY: the number KEY of the JSON line whose name is NAME, or empty.
 field() {
@@ -169,6 +206,13 @@ cr50=$(ratio "$xfp_p50" "$spin_p50")
 cr99=$(ratio "$xfp_p99" "$spin_p99")
 sweep=$(field sweep_same_cpu gbps)
 xsweep=$(field sweep_cross_cpu gbps)
+tcp_same=$(field tcp_floor_same_cpu rtt_p50_us)
+tcp_bulk=$(field tcp_floor_cross_cpu bulk_gbps)
+pool_p50=$(field store_fault_pool p50_us)
+pool_p99=$(field store_fault_pool p99_us)
+pool_sweep=$(field sweep_pool gbps)
+pool_peer=$([[ -n $cross_p50 && -n $tcp_same ]] && calc "printf \"%.2f\", $cross_p50 + $tcp_same" || echo "")
+pool_ratio=$(ratio "$pool_p50" "$pool_peer")
 bpp_sparse=$(field bookkeeping_cross_cpu bytes_per_page_sparse)
 bpp_touched=$(field bookkeeping_cross_cpu bytes_per_page_touched)
 [[ -n $bpp_sparse ]] || bpp_sparse=$(field bookkeeping_same_cpu bytes_per_page_sparse)
@@ -192,6 +236,13 @@ row "ratio farpage / polling floor, two CPUs (target <= 1.5)" "$cr50" "$cr99"
 row "  target" "$(verdict "$cr50" 1.5)" "$(verdict "$cr99" 1.5)"
 echo
 row "sweep read GB/s, one CPU / two CPUs" "$(show "$sweep")" "$(show "$xsweep")"
+echo
+row "TCP loopback round trip (4 KiB reply), one CPU" "$(show "$tcp_same")" ""
+row "pool store fault (2 memory servers)" "$(show "$pool_p50")" "$(show "$pool_p99")"
+row "  peer: uffd floor two CPUs + TCP round trip" "$(show "$pool_peer")" ""
+row "  ratio (target <= 1.5)" "$pool_ratio" "$(verdict "$pool_ratio" 1.5)"
+row "pool sweep read GB/s (target >= 1.5)" "$(show "$pool_sweep")" ""
+row "TCP bulk one stream GB/s" "$(show "$tcp_bulk")" ""
 row "agent bytes/page, sparse (target <= 16)" "$(show "$bpp_sparse")" "$(verdict "$bpp_sparse" 16)"
 row "agent bytes/page, touched (target <= 16)" "$(show "$bpp_touched")" "$(verdict "$bpp_touched" 16)"
 
