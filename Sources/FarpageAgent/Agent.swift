@@ -82,7 +82,7 @@ public final class Agent: @unchecked Sendable {
         evictor = Evictor(budget: budget, batch: config.evictBatch, logger: logger) { registry.all() }
         do {
             faults = try FaultService(threads: config.effectiveFaultThreads, evictor: evictor,
-                                      stagingPages: max(p.sequentialWindow, 1), evictBatch: config.evictBatch,
+                                      stagingPages: max(p.maxPrefetchWindow, 1), evictBatch: config.evictBatch,
                                       spinMicroseconds: config.faultSpinMicroseconds, logger: logger)
         } catch { throw AgentStartError("cannot create fault threads: \(error)") }
     }

@@ -31,8 +31,10 @@ public struct PagingPolicy: Sendable {
     public var highWatermark: Double = 0.9
     public var lowWatermark: Double = 0.7
     public var evictBatch: Int = 64
-    /// Pages fetched ahead of a fault in a range advised SEQUENTIAL.
+    /// Pages fetched ahead of a fault when a sequential stream starts (or is advised).
     public var sequentialWindow: Int = 16
+    /// The most pages fetched ahead at once; the window doubles while a stream keeps using it.
+    public var maxPrefetchWindow: Int = 128
     public init() {}
 }
 
@@ -79,6 +81,12 @@ public final class Region: @unchecked Sendable {
         var resident = 0
         var far = 0
         var sequential: [Range<Int>] = []
+        /// Stream detection (fault thread only): last missing fault, run length, window.
+        var lastFault = -1
+        var streak = 0
+        var window = 16
+        /// Advised RANDOM for the whole region: no fetch-ahead.
+        var random = false
     }
     let core: Mutex<Core>
     let closed = Atomic<Bool>(false)
@@ -206,8 +214,9 @@ extension Region {
         case .drop, .unprotect: break
         }
         if case .drop = action {
-        } else if hasSequentialHint(page) {
-            prefetch(after: page, staging: staging)
+        } else {
+            let window = streamWindow(after: page)
+            if window > 0 { prefetch(after: page, window: window, staging: staging) }
         }
         return residentPages > highPages || agentBudget.residentPages > agentBudget.highPages
     }
@@ -292,36 +301,110 @@ extension Region {
         }
     }
 
-    private func hasSequentialHint(_ page: Int) -> Bool {
-        core.withLock { c in c.sequential.contains { $0.contains(page) } }
+    /// Fetches the pages after `page` in one store batch and installs them, clean and
+    /// write-protected, one `UFFDIO_COPY` per run of consecutive pages. Never goes past the
+    /// region's budget (prefetch must not push the working set out).
+    private func prefetch(after page: Int, window requested: Int, staging: StagingBuffer) {
+        let room = budgetPages - 1 - residentPages
+        let window = min(requested, staging.pages, pageCount - page - 1, room)
+        guard window > 0 else { return }
+        // Claim every far or untouched page of the window at once.
+        var claimed: [(page: Int, location: PageLocation?)] = []
+        core.withLock { c in
+            for next in (page + 1)...(page + window) {
+                let state = c.table[next].state
+                guard state == .far || state == .untouched else { continue }
+                switch PageTransitions.missingFault(&c.table[next]) {
+                case .zeroFill: claimed.append((next, nil))
+                case .fetch(let l): claimed.append((next, l))
+                default: break
+                }
+            }
+        }
+        guard !claimed.isEmpty else { return }
+        // Page i of the claim goes to staging page i; zero pages are filled here.
+        let batch = PageIOBatch(kind: .read, capacity: claimed.count)
+        for (i, c) in claimed.enumerated() {
+            if let l = c.location {
+                batch.append(buffer: staging.page(i), location: l)
+            } else {
+                memset(staging.page(i), 0, spec.pageSize)
+            }
+        }
+        if batch.count > 0 { store.submitAndWait(batch) }
+        var failed = Set<Int>()
+        var b = 0
+        for (i, c) in claimed.enumerated() where c.location != nil {
+            if batch.errors[b] != nil { failed.insert(i) }
+            b += 1
+        }
+        if !failed.isEmpty {
+            // Leave those pages far: the demand fault will retry them (and poison if they are lost).
+            core.withLock { c in for i in failed { PageTransitions.installAbandoned(&c.table[claimed[i].page]) } }
+        }
+        counters.fetches.bump(UInt64(batch.count - failed.count))
+        // Install runs of consecutive pages whose staging pages are consecutive too.
+        var i = 0
+        while i < claimed.count {
+            if failed.contains(i) {
+                i += 1
+                continue
+            }
+            var j = i + 1
+            while j < claimed.count, !failed.contains(j), claimed[j].page == claimed[j - 1].page + 1 { j += 1 }
+            installRun(claimed[i].page, count: j - i, from: staging.page(i))
+            i = j
+        }
     }
 
-    /// Fetches up to `sequentialWindow` pages after `page` (advised SEQUENTIAL), clean and write-protected.
-    private func prefetch(after page: Int, staging: StagingBuffer) {
-        let window = min(policy.sequentialWindow, staging.pages, pageCount - page - 1)
-        guard window > 0 else { return }
-        for next in (page + 1)...(page + window) {
-            // Never let prefetch push the working set out: stop at the budget, without direct reclaim.
-            if residentPages >= budgetPages - 1 { return }
-            let action = core.withLock { c -> FaultAction? in
-                let state = c.table[next].state
-                guard state == .far || state == .untouched else { return nil }
-                return PageTransitions.missingFault(&c.table[next])
-            }
-            switch action {
-            case .zeroFill: install(page: next, from: zeroPage, writable: false, prefetch: true)
-            case .fetch(let location):
-                let batch = PageIOBatch(kind: .read, capacity: 1)
-                batch.append(buffer: staging.page(0), location: location)
-                store.submitAndWait(batch)
-                if batch.errors[0] != nil {
-                    core.withLock { c in PageTransitions.installAbandoned(&c.table[next]) }
-                    return
+    /// Installs `count` consecutive pages with one `UFFDIO_COPY` (write-protected: clean).
+    /// Falls back to page by page when the kernel stops part way (a page already there).
+    private func installRun(_ first: Int, count: Int, from source: UnsafeRawPointer) {
+        let result: Userfaultfd.InstallResult
+        do {
+            result = try uffd.copy(to: address(ofPage: first), from: source, length: count * spec.pageSize, writeProtect: true)
+        } catch {
+            result = .alreadyPresent  // retry page by page: each reports its own outcome
+        }
+        guard result == .installed else {
+            for k in 0..<count { install(page: first + k, from: source + k * spec.pageSize, writable: false, prefetch: true) }
+            return
+        }
+        core.withLock { c in
+            for k in 0..<count {
+                var e = c.table[first + k]
+                let wasFar = e.location != nil
+                PageTransitions.installed(&e, writable: false)
+                if wasFar { c.far -= 1 }
+                c.resident += 1
+                if !e.queued {
+                    e.queued = true
+                    c.queue.push(first + k)
                 }
-                counters.fetches.bump()
-                install(page: next, from: staging.page(0), writable: false, prefetch: true)
-            default: continue
+                c.table[first + k] = e
             }
+        }
+        agentBudget.add(count)
+        counters.prefetchedPages.bump(UInt64(count))
+    }
+
+    /// Sequential-stream detection on missing faults: a fault just after the previous one (or
+    /// just past what was fetched ahead) continues the stream and doubles the window; anything
+    /// else resets it. Returns how many pages to fetch ahead of `page` (0: none).
+    func streamWindow(after page: Int) -> Int {
+        core.withLock { c in
+            let hinted = c.sequential.contains { $0.contains(page) }
+            let continues = page > c.lastFault && page - c.lastFault <= c.window + 1
+            if continues {
+                c.streak += 1
+                if page - c.lastFault > 1 { c.window = min(c.window * 2, policy.maxPrefetchWindow) }  // ahead-fetch was used up
+            } else {
+                c.streak = 0
+                c.window = policy.sequentialWindow
+            }
+            c.lastFault = page
+            if c.random { return 0 }
+            return hinted || c.streak >= 2 ? c.window : 0
         }
     }
 }
@@ -561,7 +644,11 @@ extension Region {
         let range = firstPage..<(firstPage + count)
         switch hint {
         case .normal, .random:
-            core.withLock { c in c.sequential.removeAll { $0.overlaps(range) } }
+            core.withLock { c in
+                c.sequential.removeAll { $0.overlaps(range) }
+                // RANDOM over the whole region turns stream detection off; NORMAL turns it back on.
+                if range.count == pageCount { c.random = hint == .random }
+            }
         case .sequential:
             core.withLock { c in
                 c.sequential.removeAll { $0.overlaps(range) }

@@ -250,16 +250,21 @@ public final class PoolStore: PageStore, @unchecked Sendable {
 
     private func noteFailure(_ server: Server, _ error: TransportError) {
         server.errors.wrappingAdd(1, ordering: .relaxed)
+        var newlyRestarted = false
         let wasHealthy = state.withLock { _ -> Bool in
             server.lastError = error.message
             if error.kind == .restarted {
+                newlyRestarted = !server.permanentlyFailed
                 server.permanentlyFailed = true
                 server.status = .failed
             }
             defer { if server.status == .healthy, error.kind != .corrupt { server.status = .failed } }
             return server.status == .healthy
         }
-        if wasHealthy {
+        if newlyRestarted {
+            logger.error("memory server restarted: the pages it held are lost and are poisoned when touched; it stays failed",
+                         metadata: ["fp.server": "\(server.address)", "fp.error": "\(error)"])
+        } else if wasHealthy {
             logger.error("memory server failed; its pages cannot be read until it answers again (pages lost for good are poisoned, never served as zeros)",
                          metadata: ["fp.server": "\(server.address)", "fp.error": "\(error)"])
         }
@@ -397,15 +402,35 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     }
 
     private func read(_ batch: PageIOBatch) {
-        for i in 0..<batch.count {
+        // Runs of consecutive slots in one lease are read with one READ (fetch-ahead batches).
+        var scratch: UnsafeMutableRawPointer? = nil
+        defer { scratch?.deallocate() }
+        var i = 0
+        while i < batch.count {
             guard let location = batch.locations[i], let (lease, slot) = lease(of: location) else {
                 batch.errors[i] = StoreError(.badLocation, "no lease for \(String(describing: batch.locations[i]))")
+                i += 1
                 continue
+            }
+            var n = 1
+            while i + n < batch.count, n < MemWire.maxPagesPerIO, let next = batch.locations[i + n],
+                next.raw == location.raw + UInt64(n), next.raw >> Self.slotBits == location.raw >> Self.slotBits
+            {
+                n += 1
+            }
+            let target: UnsafeMutableRawPointer
+            if n == 1 {
+                target = batch.buffers[i]
+            } else {
+                if scratch == nil {
+                    scratch = .allocate(byteCount: MemWire.maxPagesPerIO * pageSize, alignment: pageSize)
+                }
+                target = scratch!
             }
             let failure: TransportError? = lease.shared {
                 do {
-                    try lease.server.backend.read(lease: lease.remoteID, offset: UInt64(slot * pageSize), pages: 1,
-                                                  into: batch.buffers[i], allowUnwritten: false)
+                    try lease.server.backend.read(lease: lease.remoteID, offset: UInt64(slot * pageSize), pages: n,
+                                                  into: target, allowUnwritten: false)
                     return nil
                 } catch let error as TransportError {
                     return error
@@ -417,12 +442,16 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 if error.kind == .corrupt {
                     lease.server.errors.wrappingAdd(1, ordering: .relaxed)
                     logger.error("a far page failed its checksum", metadata: ["fp.server": "\(lease.server.address)", "fp.error": "\(error)"])
-                    batch.errors[i] = StoreError(.corrupt, error.message)
                 } else {
                     noteFailure(lease.server, error)
-                    batch.errors[i] = StoreError(.unavailable, error.message)
                 }
+                for k in 0..<n {
+                    batch.errors[i + k] = StoreError(error.kind == .corrupt ? .corrupt : .unavailable, error.message)
+                }
+            } else if n > 1 {
+                for k in 0..<n { memcpy(batch.buffers[i + k], target + k * pageSize, pageSize) }
             }
+            i += n
         }
     }
 

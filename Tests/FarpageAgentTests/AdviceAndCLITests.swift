@@ -59,6 +59,34 @@ struct AdviceTests {
         #expect(faults < UInt64(region.pages) / 4, "\(faults) faults for \(region.pages) pages: no fetch-ahead")
     }
 
+    /// Without any hint, a sequential sweep is detected and fetched ahead in batches: most
+    /// pages are resident before their first touch, and every byte is still right.
+    @Test func aSequentialSweepIsDetectedAndFetchedAhead() throws {
+        let region = try ClientRegion(size: 16 << 20, budget: 4 << 20, name: "stream")
+        defer { region.free() }
+        for p in 0..<region.pages { region.page(p)[0] = UInt64(p) &* 5 &+ 1 }
+        let s0 = region.stats()
+        var bad = 0
+        for p in 0..<region.pages where region.page(p)[0] != UInt64(p) &* 5 &+ 1 { bad += 1 }
+        let s1 = region.stats()
+        #expect(bad == 0)
+        let faults = s1.missing_faults - s0.missing_faults
+        let prefetched = s1.prefetched_pages - s0.prefetched_pages
+        #expect(prefetched > UInt64(region.pages) / 2, "only \(prefetched) of \(region.pages) pages were fetched ahead")
+        #expect(faults < UInt64(region.pages) / 8, "\(faults) faults for \(region.pages) pages")
+    }
+
+    /// RANDOM over the whole region turns fetch-ahead off.
+    @Test func randomAdviceTurnsFetchAheadOff() throws {
+        let region = try ClientRegion(size: 8 << 20, budget: 2 << 20, name: "random-advice")
+        defer { region.free() }
+        for p in 0..<region.pages { region.page(p)[0] = UInt64(p) + 3 }
+        #expect(farpage_advise(region.base, region.size, FARPAGE_ADVISE_RANDOM) == 0)
+        let s0 = region.stats()
+        for p in 0..<region.pages { #expect(region.page(p)[0] == UInt64(p) + 3) }
+        #expect(region.stats().prefetched_pages == s0.prefetched_pages)
+    }
+
     @Test func adviceOutsideARegionIsRefused() throws {
         let region = try ClientRegion(size: 1 << 20, budget: 1 << 20, name: "advise-bad")
         defer { region.free() }
