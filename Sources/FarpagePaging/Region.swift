@@ -216,7 +216,9 @@ extension Region {
         if case .drop = action {
         } else {
             let window = streamWindow(after: page)
-            if window > 0 { prefetch(after: page, window: window, staging: staging) }
+            // A stream of writes gets its pages writable (dirty): installed write-protected,
+            // each would take a second fault on its first write.
+            if window > 0 { prefetch(after: page, window: window, writable: write, staging: staging) }
         }
         return residentPages > highPages || agentBudget.residentPages > agentBudget.highPages
     }
@@ -304,7 +306,7 @@ extension Region {
     /// Fetches the pages after `page` in one store batch and installs them, clean and
     /// write-protected, one `UFFDIO_COPY` per run of consecutive pages. Never goes past the
     /// region's budget (prefetch must not push the working set out).
-    private func prefetch(after page: Int, window requested: Int, staging: StagingBuffer) {
+    private func prefetch(after page: Int, window requested: Int, writable: Bool, staging: StagingBuffer) {
         let room = budgetPages - 1 - residentPages
         let window = min(requested, staging.pages, pageCount - page - 1, room)
         guard window > 0 else { return }
@@ -352,29 +354,30 @@ extension Region {
             }
             var j = i + 1
             while j < claimed.count, !failed.contains(j), claimed[j].page == claimed[j - 1].page + 1 { j += 1 }
-            installRun(claimed[i].page, count: j - i, from: staging.page(i))
+            installRun(claimed[i].page, count: j - i, from: staging.page(i), writable: writable)
             i = j
         }
     }
 
-    /// Installs `count` consecutive pages with one `UFFDIO_COPY` (write-protected: clean).
-    /// Falls back to page by page when the kernel stops part way (a page already there).
-    private func installRun(_ first: Int, count: Int, from source: UnsafeRawPointer) {
+    /// Installs `count` consecutive pages with one `UFFDIO_COPY` (clean and write-protected
+    /// unless `writable`). Falls back to page by page when the kernel stops part way.
+    private func installRun(_ first: Int, count: Int, from source: UnsafeRawPointer, writable: Bool) {
         let result: Userfaultfd.InstallResult
         do {
-            result = try uffd.copy(to: address(ofPage: first), from: source, length: count * spec.pageSize, writeProtect: true)
+            result = try uffd.copy(to: address(ofPage: first), from: source, length: count * spec.pageSize,
+                                   writeProtect: !writable)
         } catch {
             result = .alreadyPresent  // retry page by page: each reports its own outcome
         }
         guard result == .installed else {
-            for k in 0..<count { install(page: first + k, from: source + k * spec.pageSize, writable: false, prefetch: true) }
+            for k in 0..<count { install(page: first + k, from: source + k * spec.pageSize, writable: writable, prefetch: true) }
             return
         }
         core.withLock { c in
             for k in 0..<count {
                 var e = c.table[first + k]
                 let wasFar = e.location != nil
-                PageTransitions.installed(&e, writable: false)
+                PageTransitions.installed(&e, writable: writable)
                 if wasFar { c.far -= 1 }
                 c.resident += 1
                 if !e.queued {
@@ -394,15 +397,18 @@ extension Region {
     func streamWindow(after page: Int) -> Int {
         core.withLock { c in
             let hinted = c.sequential.contains { $0.contains(page) }
-            let continues = page > c.lastFault && page - c.lastFault <= c.window + 1
+            // Several threads sweeping together fault slightly out of order: a fault a few pages
+            // behind the front still belongs to the stream.
+            let continues = c.lastFault >= 0 && page + 8 > c.lastFault && page <= c.lastFault + c.window + 1
             if continues {
                 c.streak += 1
-                if page - c.lastFault > 1 { c.window = min(c.window * 2, policy.maxPrefetchWindow) }  // ahead-fetch was used up
+                if page > c.lastFault + 1 { c.window = min(c.window * 2, policy.maxPrefetchWindow) }  // ahead-fetch was used up
+                c.lastFault = max(c.lastFault, page)
             } else {
                 c.streak = 0
                 c.window = policy.sequentialWindow
+                c.lastFault = page
             }
-            c.lastFault = page
             if c.random { return 0 }
             return hinted || c.streak >= 2 ? c.window : 0
         }

@@ -101,6 +101,8 @@ struct PagingCorrectnessTests {
         let region = try ClientRegion(size: 8 << 20, budget: 256 << 10, name: "samepage")
         defer { region.free() }
         for p in 0..<region.pages { region.page(p)[0] = UInt64(p) &+ 0xABCD_0000 }
+        // No fetch-ahead: every fetch counted below is a demand fetch.
+        #expect(farpage_advise(region.base, region.size, FARPAGE_ADVISE_RANDOM) == 0)
         // Wait for the background evictor: the first pages must be far now.
         let targets = [1, 7, 100, 333, 1000]
         let base = UInt(bitPattern: region.base)

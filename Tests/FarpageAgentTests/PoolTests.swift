@@ -110,8 +110,9 @@ struct PoolTests {
         let agent = try startAgent(servers)
         defer { agent.stop() }
         let late = try MemserverProcess(capacity: "256MiB", leaseSize: "1MiB")
-        let w = try workload(agent, ["--size", "32MiB", "--budget", "4MiB", "--passes", "3"])
-        usleep(500_000)
+        let w = try workload(agent, ["--size", "32MiB", "--budget", "4MiB", "--passes", "12"])
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline, (try pool(agent).first { $0.transport == "tcp" }?.storedPages ?? 0) < 1000 { usleep(20_000) }
         #expect(try agent.call(.poolAttach(address: "127.0.0.1:\(late.port)")) == .ok(0, 0))
         let (rc, _, out) = finish(w)
         #expect(rc == 0 && out.contains("\"failures\":0"), "\(out)")
