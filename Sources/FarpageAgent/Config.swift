@@ -227,30 +227,3 @@ extension AgentConfig {
     }
 }
 
-/// Parses "64MiB", "4GiB", "512KiB", "4096", "1TiB" (also KB/MB/GB/TB as binary units, as operators mean them).
-public func parseSize(_ text: String) -> UInt64? {
-    let s = text.trimmingCharacters(in: .whitespaces)
-    let digits = s.prefix { $0.isNumber }
-    guard let n = UInt64(digits), n > 0 else { return nil }
-    let unit = s.dropFirst(digits.count).trimmingCharacters(in: .whitespaces).lowercased()
-    let shift: UInt64
-    switch unit {
-    case "", "b": shift = 0
-    case "k", "kb", "kib": shift = 10
-    case "m", "mb", "mib": shift = 20
-    case "g", "gb", "gib": shift = 30
-    case "t", "tb", "tib": shift = 40
-    default: return nil
-    }
-    guard n <= UInt64.max >> shift else { return nil }
-    return n << shift
-}
-
-/// Parses "10s", "500ms", "2m".
-public func parseDuration(_ text: String) -> Double? {
-    let s = text.trimmingCharacters(in: .whitespaces).lowercased()
-    for (suffix, scale) in [("ms", 0.001), ("s", 1.0), ("m", 60.0)] where s.hasSuffix(suffix) {
-        if let v = Double(s.dropLast(suffix.count)), v >= 0 { return v * scale }
-    }
-    return nil
-}

@@ -70,13 +70,13 @@ extension MemserverConfig {
             (c.host, c.port) = (host, port)
         }
         if let v = m?["capacity"] {
-            guard let n = v.int.map(UInt64.init) ?? v.string.flatMap(parseByteSize) else {
+            guard let n = v.int.map(UInt64.init) ?? v.string.flatMap(parseSize) else {
                 throw MemserverConfigError(key: "memserver.capacity", problem: "is not a size", fix: "e.g. capacity = \"16GiB\"")
             }
             c.capacityBytes = n
         }
         if let v = m?["lease_size"] {
-            guard let n = v.int.map(UInt64.init) ?? v.string.flatMap(parseByteSize) else {
+            guard let n = v.int.map(UInt64.init) ?? v.string.flatMap(parseSize) else {
                 throw MemserverConfigError(key: "memserver.lease_size", problem: "is not a size", fix: "e.g. lease_size = \"64MiB\"")
             }
             c.leaseBytes = Int(n)
@@ -96,7 +96,7 @@ extension MemserverConfig {
         }
         for (key, path) in [("lease_grace", \MemserverConfig.leaseGraceSeconds), ("handshake_timeout", \MemserverConfig.handshakeTimeoutSeconds)] {
             if let v = m?[key] {
-                guard let s = v.string, let d = parseSeconds(s) else {
+                guard let s = v.string, let d = parseDuration(s) else {
                     throw MemserverConfigError(key: "memserver.\(key)", problem: "must be a duration", fix: "e.g. \(key) = \"30s\"")
                 }
                 c[keyPath: path] = d
@@ -142,27 +142,3 @@ public func parseListen(_ s: String) -> (String, Int)? {
     return host.isEmpty ? nil : (host, port)
 }
 
-func parseByteSize(_ text: String) -> UInt64? {
-    let s = text.trimmingCharacters(in: .whitespaces)
-    let digits = s.prefix { $0.isNumber }
-    guard let n = UInt64(digits), n > 0 else { return nil }
-    let shift: UInt64
-    switch s.dropFirst(digits.count).trimmingCharacters(in: .whitespaces).lowercased() {
-    case "", "b": shift = 0
-    case "k", "kb", "kib": shift = 10
-    case "m", "mb", "mib": shift = 20
-    case "g", "gb", "gib": shift = 30
-    case "t", "tb", "tib": shift = 40
-    default: return nil
-    }
-    guard n <= UInt64.max >> shift else { return nil }
-    return n << shift
-}
-
-func parseSeconds(_ text: String) -> Double? {
-    let s = text.trimmingCharacters(in: .whitespaces).lowercased()
-    for (suffix, scale) in [("ms", 0.001), ("s", 1.0), ("m", 60.0)] where s.hasSuffix(suffix) {
-        if let v = Double(s.dropLast(suffix.count)), v >= 0 { return v * scale }
-    }
-    return nil
-}

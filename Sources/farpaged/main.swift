@@ -110,7 +110,7 @@ struct MemserverCommand: AsyncParsableCommand {
                 (cfg.host, cfg.port) = (host, port)
             }
             if let capacity {
-                guard let n = parseSizeArgument(capacity) else {
+                guard let n = parseSize(capacity) else {
                     throw MemserverConfigError(key: "--capacity", problem: "is not a size", fix: "e.g. --capacity 16GiB")
                 }
                 cfg.capacityBytes = n
@@ -152,16 +152,3 @@ struct MemserverCommand: AsyncParsableCommand {
     }
 }
 
-/// Sizes on the command line: 4096, 64MiB, 16GiB.
-func parseSizeArgument(_ s: String) -> UInt64? {
-    let digits = s.prefix { $0.isNumber }
-    guard let n = UInt64(digits), n > 0 else { return nil }
-    switch s.dropFirst(digits.count).lowercased() {
-    case "", "b": return n
-    case "k", "kib", "kb": return n << 10
-    case "m", "mib", "mb": return n << 20
-    case "g", "gib", "gb": return n << 30
-    case "t", "tib", "tb": return n << 40
-    default: return nil
-    }
-}

@@ -1,4 +1,5 @@
 import FarpageTestSupport
+import FarpageKernel
 import Testing
 
 @testable import FarpageAgent
