@@ -159,7 +159,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         }
         guard let server else { throw TransportError(.refused(code: 0), "\(address) is not in the pool") }
         logger.notice("draining memory server", metadata: ["fp.server": "\(address)"])
-        _ = startDetachedThread(name: "fp-drain") { [self] in
+        startThread(name: "fp-drain", detached: true) { [self] in
             let ok = drain(server)
             done?(ok)
         }
@@ -546,25 +546,3 @@ func splitAddress(_ s: String) -> (String, Int)? {
     return host.isEmpty ? nil : (host, port)
 }
 
-/// A detached, named pthread.
-@discardableResult
-func startDetachedThread(name: String, _ body: @escaping @Sendable () -> Void) -> Bool {
-    final class Box: @unchecked Sendable {
-        let body: @Sendable () -> Void
-        let name: String
-        init(_ b: @escaping @Sendable () -> Void, _ n: String) {
-            body = b
-            name = n
-        }
-    }
-    let box = Unmanaged.passRetained(Box(body, name)).toOpaque()
-    var thread = pthread_t()
-    let r = pthread_create(&thread, nil, { arg in
-        let box = Unmanaged<AnyObject>.fromOpaque(arg!).takeRetainedValue() as! Box
-        setCurrentThreadName(box.name)
-        box.body()
-        return nil
-    }, box)
-    if r == 0 { pthread_detach(thread) }
-    return r == 0
-}
