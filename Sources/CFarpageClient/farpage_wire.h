@@ -20,6 +20,7 @@ enum {
     FPW_POOL_ATTACH = 8,  /* body: "HOST:PORT"; reply OK (operators, via farpagectl) */
     FPW_POOL_DETACH = 9,  /* body: "HOST:PORT"; reply OK once draining started */
     FPW_POOL_JSON = 10,   /* empty body; reply JSON */
+    FPW_POOL_REMOVE = 11, /* body: "HOST:PORT"; drop without draining (its pages are lost) */
     FPW_OK = 0x81,        /* body fpw_ok */
     FPW_ERROR = 0x82,     /* body fpw_error + message text */
     FPW_STATS_REPLY = 0x83, /* body u32 count, u32 pad, count x u64 */

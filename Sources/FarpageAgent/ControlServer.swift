@@ -213,6 +213,17 @@ final class ControlServer: @unchecked Sendable {
             } catch {
                 reply = self.error(ENOENT, .notFound, "cannot detach \(address): \(error)")
             }
+        case .poolRemove(let address):
+            guard c.peer.uid == 0 || c.peer.uid == getuid() else {
+                reply = error(EPERM, .invalidArgument, "only root or the agent's user may change the pool")
+                break
+            }
+            do {
+                try agent.store.forget(address: address)
+                reply = .ok(0, 0)
+            } catch {
+                reply = self.error(ENOENT, .notFound, "cannot remove \(address): \(error)")
+            }
         case .poolJSON:
             return sendJSON(agent.poolReport(), requestID: header.requestID, on: c)
         }

@@ -165,6 +165,24 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         }
     }
 
+    /// Drops a server without draining it (it is dead, or its drain failed). Pages that only it
+    /// held are lost: they are poisoned when touched, never served as zeros. No more
+    /// heartbeats or requests go to it.
+    public func forget(address: String) throws(TransportError) {
+        let server = state.withLock { s -> Server? in
+            guard let server = s.servers.first(where: { $0.address == address && $0.status != .detached }) else { return nil }
+            server.status = .detached
+            server.permanentlyFailed = true
+            server.lastError = "removed without draining: its pages are lost"
+            return server
+        }
+        guard let server else { throw TransportError(.refused(code: 0), "\(address) is not in the pool") }
+        let lost = state.withLock { s in s.leases.reduce(0) { $0 + ($1?.server === server ? $1!.used : 0) } }
+        (server.backend as? RemoteBackend)?.closeAll()
+        logger.error("memory server removed without draining; pages only it held are lost and will be poisoned when touched",
+                     metadata: ["fp.server": "\(address)", "fp.pages": "\(lost)"])
+    }
+
     /// Moves every lease of `server` to other servers (or the local spill), then releases it.
     func drain(_ server: Server) -> Bool {
         let leases = state.withLock { s in s.leases.compactMap { $0 }.filter { $0.server === server } }
@@ -427,7 +445,8 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 }
                 target = scratch!
             }
-            let failure: TransportError? = lease.shared {
+            let forgotten = state.withLock { _ in lease.server.status == .detached && lease.server.permanentlyFailed }
+            let failure: TransportError? = forgotten ? TransportError(.unreachable, "\(lease.server.address) was removed from the pool") : lease.shared {
                 do {
                     try lease.server.backend.read(lease: lease.remoteID, offset: UInt64(slot * pageSize), pages: n,
                                                   into: target, allowUnwritten: false)
@@ -524,7 +543,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     /// failed server must be written elsewhere before its local copy may be dropped.
     public func isReadable(_ location: PageLocation) -> Bool {
         guard let (lease, _) = lease(of: location) else { return false }
-        return state.withLock { _ in lease.server.status != .failed }
+        return state.withLock { _ in lease.server.status != .failed && !lease.server.permanentlyFailed }
     }
 
     public func release(_ locations: [PageLocation]) {

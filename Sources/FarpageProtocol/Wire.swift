@@ -24,6 +24,7 @@ public enum MessageType: UInt16, Sendable {
     case poolAttach = 8
     case poolDetach = 9
     case poolJSON = 10
+    case poolRemove = 11
     case ok = 0x81
     case error = 0x82
     case statsReply = 0x83
@@ -90,6 +91,8 @@ public enum Request: Equatable, Sendable {
     /// Body: the server address, "HOST:PORT" (at most 255 bytes).
     case poolAttach(address: String)
     case poolDetach(address: String)
+    /// Drop a server without draining it (dead server): its pages are lost, poisoned on touch.
+    case poolRemove(address: String)
     case poolJSON
 }
 
@@ -221,7 +224,7 @@ extension Wire {
         case .ping:
             try need(0, "PING")
             return (h, .ping)
-        case .poolAttach, .poolDetach:
+        case .poolAttach, .poolDetach, .poolRemove:
             guard r.remaining >= 3, r.remaining <= 255 else {
                 throw WireError(message: "pool address must be 3...255 bytes, got \(r.remaining)", fatal: false, requestID: h.requestID)
             }
@@ -235,7 +238,11 @@ extension Wire {
                 throw WireError(message: "pool address must be HOST:PORT in ASCII", fatal: false, requestID: h.requestID)
             }
             let address = String(decoding: raw, as: UTF8.self)
-            return (h, type == .poolAttach ? .poolAttach(address: address) : .poolDetach(address: address))
+            switch type {
+            case .poolAttach: return (h, .poolAttach(address: address))
+            case .poolDetach: return (h, .poolDetach(address: address))
+            default: return (h, .poolRemove(address: address))
+            }
         case .poolJSON:
             try need(0, "POOL")
             return (h, .poolJSON)
@@ -278,6 +285,9 @@ extension Wire {
             w.bytes += Array(a.utf8.prefix(255))
         case .poolDetach(let a):
             type = .poolDetach
+            w.bytes += Array(a.utf8.prefix(255))
+        case .poolRemove(let a):
+            type = .poolRemove
             w.bytes += Array(a.utf8.prefix(255))
         case .poolJSON: type = .poolJSON
         }

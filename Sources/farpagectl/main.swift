@@ -114,8 +114,15 @@ struct PoolDetach: ParsableCommand {
     @OptionGroup var connection: Connection
     @Argument(help: "The server, HOST:PORT.") var address: String
     @Flag(help: "Wait until the drain has finished.") var wait = false
+    @Flag(help: "Drop the server without draining it (when it is dead): pages only it held are lost, and clients get SIGBUS when they touch them.")
+    var force = false
 
     func run() throws {
+        if force {
+            try connection.command(.poolRemove(address: address))
+            print("removed \(address) without draining")
+            return
+        }
         try connection.command(.poolDetach(address: address))
         guard wait else {
             print("draining \(address); `farpagectl pool list` shows when it is detached")

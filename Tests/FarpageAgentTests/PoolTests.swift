@@ -201,5 +201,18 @@ struct PoolTests {
         #expect(status == "failed")
         #expect(agent.logText.contains("memory server failed"))
         #expect(agent.logText.contains("poisoning it"))
+        // The operator drops the dead server: no more heartbeats go to it.
+        let address = try #require(try pool(agent).first { $0.transport == "tcp" }?.address)
+        guard case .error = try agent.call(.poolDetach(address: "127.0.0.1:1")) else {
+            Issue.record("detaching an unknown server succeeded")
+            return
+        }
+        #expect(try agent.call(.poolRemove(address: address)) == .ok(0, 0))
+        let row = try #require(try pool(agent).first { $0.address == address })
+        #expect(row.status == "detached")
+        let errors = row.errors
+        usleep(800_000)  // four heartbeats
+        #expect(try pool(agent).first { $0.address == address }?.errors == errors, "a removed server is still pinged")
+        #expect(agent.logText.contains("removed without draining"))
     }
 }
