@@ -118,6 +118,7 @@ let package = Package(
             name: "FarpageAgentTests",
             dependencies: [
                 "FarpageAgent", "FarpageProtocol", "FarpageKernel", "CFarpageClient", "FarpageTestSupport", "FarpageTransport",
+                "FarpagePool", "FarpageTiers", .product(name: "Logging", package: "swift-log"),
             ]),
     ]
 )

@@ -106,8 +106,7 @@ public final class LeaseTable: @unchecked Sendable {
                 throw LeaseError(code: .noSuchLease, message: "lease \(leaseID) is not held by this agent")
             }
             leases[leaseID] = nil
-            madvise(l.base, slabBytes, MADV_DONTNEED)
-            spare.append(l.base)
+            recycle(l.base)
         }
     }
 
@@ -118,11 +117,21 @@ public final class LeaseTable: @unchecked Sendable {
             let mine = leases.filter { $0.value.owner == owner }
             for (id, l) in mine {
                 leases[id] = nil
-                madvise(l.base, slabBytes, MADV_DONTNEED)
-                spare.append(l.base)
+                recycle(l.base)
             }
             return mine.count
         }) ?? 0
+    }
+
+    /// Zeroes a slab (`MADV_DONTNEED` on private anonymous memory) for its next agent; a slab
+    /// that cannot be zeroed is unmapped rather than lent again with someone else's data.
+    private func recycle(_ base: UnsafeMutableRawPointer) {
+        if madvise(base, slabBytes, MADV_DONTNEED) == 0 {
+            spare.append(base)
+        } else {
+            AnonymousMemory.unmap(base, bytes: UInt64(slabBytes))
+            mappedSlabs -= 1
+        }
     }
 
     private func locate(_ owner: AgentID, _ leaseID: UInt64, _ offset: UInt64, _ pages: Int) throws(LeaseError)

@@ -185,9 +185,36 @@ public final class PoolStore: PageStore, @unchecked Sendable {
 
     /// Moves every lease of `server` to other servers (or the local spill), then releases it.
     func drain(_ server: Server) -> Bool {
-        let leases = state.withLock { s in s.leases.compactMap { $0 }.filter { $0.server === server } }
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: MemWire.maxPagesPerIO * pageSize, alignment: pageSize)
         defer { buffer.deallocate() }
+        var ok = true
+        var moved = 0
+        // Repeat until no lease points at the server: one may have been added while draining
+        // (a lease allocation that was in flight when the detach began).
+        for _ in 0..<16 {
+            let leases = state.withLock { s in s.leases.compactMap { $0 }.filter { $0.server === server } }
+            if leases.isEmpty || !ok { break }
+            moved += leases.count
+            ok = drainLeases(leases, of: server, buffer: buffer)
+        }
+        if ok, state.withLock({ s in s.leases.contains { $0?.server === server } }) { ok = false }
+        state.withLock { _ in
+            server.status = ok ? .detached : .failed
+            if !ok {
+                server.permanentlyFailed = true
+                server.lastError = "drain failed: see the agent's log"
+            }
+        }
+        if ok {
+            (server.backend as? RemoteBackend)?.closeAll()
+            logger.notice("memory server detached: all its pages moved", metadata: ["fp.server": "\(server.address)", "fp.leases": "\(moved)"])
+        } else {
+            logger.error("memory server could not be fully drained", metadata: ["fp.server": "\(server.address)"])
+        }
+        return ok
+    }
+
+    private func drainLeases(_ leases: [Lease], of server: Server, buffer: UnsafeMutableRawPointer) -> Bool {
         var ok = true
         for lease in leases {
             let moved: Bool = lease.exclusive {
@@ -228,19 +255,6 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             }
             if !moved { ok = false }
         }
-        state.withLock { _ in
-            server.status = ok ? .detached : .failed
-            if !ok {
-                server.permanentlyFailed = true
-                server.lastError = "drain failed: see the agent's log"
-            }
-        }
-        if ok {
-            (server.backend as? RemoteBackend)?.closeAll()
-            logger.notice("memory server detached: all its pages moved", metadata: ["fp.server": "\(server.address)", "fp.leases": "\(leases.count)"])
-        } else {
-            logger.error("memory server could not be fully drained", metadata: ["fp.server": "\(server.address)"])
-        }
         return ok
     }
 
@@ -268,6 +282,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
 
     private func noteFailure(_ server: Server, _ error: TransportError) {
         server.errors.wrappingAdd(1, ordering: .relaxed)
+        if server.isLocal { return }  // the spill is in our own memory: it does not go down
         var newlyRestarted = false
         let wasHealthy = state.withLock { _ -> Bool in
             server.lastError = error.message
@@ -343,8 +358,15 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     /// Reserves `count` slots on one server chosen for the batch, preferring consecutive slots
     /// of one lease (one WRITE per run). Falls back to other servers, then the local spill.
     private func reserveSlots(_ count: Int) throws(StoreError) -> [PageLocation] {
+        var partial: [PageLocation] = []
+        do { return try reserveSlots(count, into: &partial) } catch {
+            release(partial)  // never leak what was reserved before the failure
+            throw error
+        }
+    }
+
+    private func reserveSlots(_ count: Int, into out: inout [PageLocation]) throws(StoreError) -> [PageLocation] {
         let target = chooseServer()
-        var out: [PageLocation] = []
         out.reserveCapacity(count)
         while out.count < count {
             let got = state.withLock { s -> [PageLocation] in
@@ -375,7 +397,8 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 }
                 if server !== (target ?? local) {
                     // The chosen server was full or failed: take the rest from where the lease came.
-                    return out + (try reserveSlots(on: lease, count: count - out.count))
+                    out += try reserveSlots(on: lease, count: count - out.count)
+                    return out
                 }
             }
         }
@@ -385,7 +408,10 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     /// Slots from one specific lease (used when placement had to fall back).
     private func reserveSlots(on lease: Lease, count: Int) throws(StoreError) -> [PageLocation] {
         let got = state.withLock { s -> [PageLocation] in
-            guard let index = s.leases.firstIndex(where: { $0 === lease }) else { return [] }
+            // A lease whose server started draining (or failed) meanwhile takes no new pages.
+            guard lease.server.status == .healthy || lease.server.isLocal,
+                let index = s.leases.firstIndex(where: { $0 === lease })
+            else { return [] }
             var taken: [PageLocation] = []
             while taken.count < count, lease.nextFresh < lease.pages {
                 taken.append(location(index, lease.nextFresh))
@@ -478,13 +504,21 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         // Pages that own a slot on a healthy lease are rewritten in place; the rest get new slots.
         var targets = [PageLocation?](repeating: nil, count: batch.count)
         var fresh: [Int] = []
-        var stale: [PageLocation] = []
+        var isFresh = [Bool](repeating: false, count: batch.count)
+        // The slot a page owned on an unhealthy lease: released only once the page's new copy
+        // is written. If the write fails the page keeps it (the eviction is abandoned and the
+        // page table still points there): releasing it would let another page reuse it.
+        var stale = [PageLocation?](repeating: nil, count: batch.count)
         for i in 0..<batch.count {
-            if let l = batch.locations[i], let (lease, _) = lease(of: l), lease.server.status == .healthy || lease.server.isLocal {
-                targets[i] = l
+            let healthy = batch.locations[i].flatMap { l in lease(of: l) }.map { lease, _ in
+                state.withLock { _ in lease.server.status == .healthy || lease.server.isLocal }
+            } ?? false
+            if healthy {
+                targets[i] = batch.locations[i]
             } else {
-                if let l = batch.locations[i] { stale.append(l) }
+                stale[i] = batch.locations[i]
                 fresh.append(i)
+                isFresh[i] = true
             }
         }
         if !fresh.isEmpty {
@@ -530,13 +564,13 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             if let failed {
                 noteFailure(lease.server, failed)
                 for i in run { batch.errors[i] = StoreError(.unavailable, failed.message) }
-                // Slots reserved for this batch go back (a page that already owned its slot keeps it).
-                release(run.filter { batch.locations[$0] == nil }.map { targets[$0]! })
+                // Slots reserved for this batch go back; a page rewritten in place keeps its own.
+                release(run.filter { isFresh[$0] }.map { targets[$0]! })
             } else {
                 for i in run { batch.locations[i] = targets[i] }
             }
         }
-        release(stale)
+        release((0..<batch.count).compactMap { batch.errors[$0] == nil ? stale[$0] : nil })
     }
 
     /// Whether the far copy at `location` can be read now. A clean page whose copy is on a
