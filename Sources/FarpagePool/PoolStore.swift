@@ -223,15 +223,17 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                     return false
                 }
                 let targetPages = Int(target.backend.leaseBytes) / pageSize
-                guard targetPages >= lease.nextFresh else {
+                guard targetPages >= state.withLock({ _ in lease.nextFresh }) else {
                     logger.error("cannot drain: the target's leases are smaller than this one's used part; use one lease_size across the pool",
                                  metadata: ["fp.server": "\(server.address)", "fp.target": "\(target.address)"])
                     try? target.backend.freeLease(remoteID)
                     return false
                 }
+                // Slots are reserved under the pool mutex; no slot past this can hold data yet.
+                let used = state.withLock { _ in lease.nextFresh }
                 var page = 0
-                while page < lease.nextFresh {
-                    let n = min(MemWire.maxPagesPerIO, lease.nextFresh - page)
+                while page < used {
+                    let n = min(MemWire.maxPagesPerIO, used - page)
                     do {
                         try server.backend.read(lease: lease.remoteID, offset: UInt64(page * pageSize), pages: n, into: buffer,
                                                 allowUnwritten: true)
@@ -244,9 +246,11 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                     page += n
                 }
                 let old = lease.remoteID
-                lease.server = target
-                lease.remoteID = remoteID
+                // Switched under both locks: data paths read the record under the lease lock,
+                // placement and reports under the pool mutex.
                 state.withLock { _ in
+                    lease.server = target
+                    lease.remoteID = remoteID
                     lease.pages = min(lease.pages, targetPages)
                     lease.freeSlots.removeAll { Int($0) >= lease.pages }
                 }
