@@ -57,6 +57,19 @@ struct ForeignPageTests {
         // Freeze the agent so that the client's fault is pending while the page gets populated.
         let target = 3
         kill(agent.pid, SIGSTOP)
+        // kill() returns before every thread has stopped (a fault thread may be polling on the
+        // other CPU): wait until all of them show state T, or the fault may still be served.
+        let stopDeadline = Date().addingTimeInterval(5)
+        func allStopped() -> Bool {
+            let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(agent.pid)/task")) ?? []
+            return !tasks.isEmpty && tasks.allSatisfy { tid in
+                let stat = (try? String(contentsOfFile: "/proc/\(agent.pid)/task/\(tid)/stat", encoding: .utf8)) ?? ""
+                guard let close = stat.lastIndex(of: ")") else { return false }
+                return stat[stat.index(close, offsetBy: 2)] == "T"
+            }
+        }
+        while !allStopped(), Date() < stopDeadline { usleep(1000) }
+        try #require(allStopped(), "the agent did not stop")
         let done = Atomic<Bool>(false)
         let seen = Atomic<UInt64>(0)
         let targetAddress = UInt(bitPattern: base) + UInt(target * page)
