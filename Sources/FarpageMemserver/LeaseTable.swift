@@ -175,7 +175,7 @@ public final class LeaseTable: @unchecked Sendable {
         try shared { () throws(LeaseError) in
             let base = try locate(owner, leaseID, offset, pages)
             let first = Int(offset) / pageSize
-            data.withUnsafeBytes { memcpy(base + Int(offset), $0.baseAddress!, pages * pageSize) }
+            data.withUnsafeBytes { _ = memcpy(base + Int(offset), $0.baseAddress!, pages * pageSize) }
             for i in 0..<pages { checksums(base)[first + i] = sums[i] }
         }
     }
