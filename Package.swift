@@ -109,7 +109,7 @@ let package = Package(
             name: "FarpageTestSupport",
             dependencies: ["FarpageKernel", "FarpageProtocol", "FarpageTransport"]),
         .testTarget(name: "FarpageKernelTests", dependencies: ["FarpageKernel", "CFarpageKernel"]),
-        .testTarget(name: "FarpageProtocolTests", dependencies: ["FarpageProtocol", "FarpageTransport"]),
+        .testTarget(name: "FarpageProtocolTests", dependencies: ["FarpageProtocol", "FarpageTransport", "FarpageTestSupport"]),
         .testTarget(
             name: "FarpageMemserverTests",
             dependencies: ["FarpageMemserver", "FarpageTransport", "FarpageKernel", "CFarpageChecksum", "FarpageTestSupport"]),

@@ -513,11 +513,17 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         // is written. If the write fails the page keeps it (the eviction is abandoned and the
         // page table still points there): releasing it would let another page reuse it.
         var stale = [PageLocation?](repeating: nil, count: batch.count)
+        // One pass under the pool mutex for the whole batch (this is the eviction path).
+        let healthy: [Bool] = state.withLock { s in
+            batch.locations.map { l in
+                guard let l, case let index = Int(l.raw >> Self.slotBits), index < s.leases.count,
+                    let lease = s.leases[index]
+                else { return false }
+                return lease.server.status == .healthy || lease.server.isLocal
+            }
+        }
         for i in 0..<batch.count {
-            let healthy = batch.locations[i].flatMap { l in lease(of: l) }.map { lease, _ in
-                state.withLock { _ in lease.server.status == .healthy || lease.server.isLocal }
-            } ?? false
-            if healthy {
+            if healthy[i] {
                 targets[i] = batch.locations[i]
             } else {
                 stale[i] = batch.locations[i]

@@ -45,19 +45,8 @@ struct AgentCommand: AsyncParsableCommand {
             FileHandle.standardError.write(Data("farpaged: \(error)\n".utf8))
             throw ExitCode(78)  // EX_CONFIG
         }
-        if let logLevel {
-            guard let level = Logger.Level(rawValue: logLevel.lowercased()) else {
-                throw ValidationError("unknown log level '\(logLevel)'")
-            }
-            cfg.logLevel = level
-        }
-        let level = cfg.logLevel
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = level
-            return h
-        }
-        let logger = Logger(label: "farpaged.agent")
+        cfg.logLevel = try logLevelOption(logLevel, default: cfg.logLevel)
+        let logger = bootstrapLogging(label: "farpaged.agent", level: cfg.logLevel)
         let agent: Agent
         do { agent = try Agent(config: cfg, logger: logger) } catch {
             logger.critical("cannot start: \(error)")
@@ -121,20 +110,8 @@ struct MemserverCommand: AsyncParsableCommand {
             FileHandle.standardError.write(Data("farpaged: \(error)\n".utf8))
             throw ExitCode(78)
         }
-        if let logLevel {
-            guard let level = Logger.Level(rawValue: logLevel.lowercased()) else {
-                FileHandle.standardError.write(Data("farpaged: unknown --log-level '\(logLevel)'; use trace, debug, info, notice, warning, error or critical\n".utf8))
-                throw ExitCode(78)
-            }
-            cfg.logLevel = level
-        }
-        let level = cfg.logLevel
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = level
-            return h
-        }
-        let logger = Logger(label: "farpaged.memserver")
+        cfg.logLevel = try logLevelOption(logLevel, default: cfg.logLevel)
+        let logger = bootstrapLogging(label: "farpaged.memserver", level: cfg.logLevel)
         let secret: ClusterSecret
         do { secret = try ClusterSecret.load(path: cfg.secretFile) } catch {
             FileHandle.standardError.write(Data("farpaged: \(error)\n".utf8))
@@ -152,3 +129,24 @@ struct MemserverCommand: AsyncParsableCommand {
     }
 }
 
+
+/// `--log-level`, or the configured level. An unknown level is a configuration error (exit 78).
+func logLevelOption(_ option: String?, default level: Logger.Level) throws -> Logger.Level {
+    guard let option else { return level }
+    guard let parsed = Logger.Level(rawValue: option.lowercased()) else {
+        FileHandle.standardError.write(
+            Data("farpaged: unknown --log-level '\(option)'; use trace, debug, info, notice, warning, error or critical\n".utf8))
+        throw ExitCode(78)
+    }
+    return parsed
+}
+
+/// Logs to standard error (journald captures it under systemd) at `level`.
+func bootstrapLogging(label: String, level: Logger.Level) -> Logger {
+    LoggingSystem.bootstrap { label in
+        var h = StreamLogHandler.standardError(label: label)
+        h.logLevel = level
+        return h
+    }
+    return Logger(label: label)
+}

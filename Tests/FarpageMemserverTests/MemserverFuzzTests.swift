@@ -64,7 +64,7 @@ struct MemserverFuzzTests {
         }
 
         let rssBefore = server.residentKiB
-        var rng = Rng(state: 0xFA22)
+        var rng = SplitMix(state: 0xFA22)
         var closedByServer = 0
         var refused = 0
         let valid: [[UInt8]] = [
@@ -150,16 +150,5 @@ struct MemserverFuzzTests {
         #expect(rssEnd - rssBefore < 32 * 1024, "memory server grew by \(rssEnd - rssBefore) KiB")
         #expect(rssEnd - rssAtThird < 16 * 1024, "memory keeps growing under hostile traffic: \(rssAtThird) -> \(rssEnd) KiB")
         print("memserver RSS KiB: before \(rssBefore), after a third \(rssAtThird), end \(rssEnd)")
-    }
-}
-
-struct Rng {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

@@ -1,3 +1,4 @@
+import FarpageTestSupport
 import Testing
 
 @testable import FarpageProtocol
@@ -40,7 +41,7 @@ import Testing
     /// A seeded fuzzer: 200k random, truncated, oversized-claim and type-confused frames.
     /// Decoding must never trap, and anything accepted must re-encode to the same bytes.
     @Test func seededFuzzNeverTrapsAndAcceptsOnlyCanonicalFrames() {
-        var rng = Rng(state: 0x5EED)
+        var rng = SplitMix(state: 0x5EED)
         var accepted = 0
         for i in 0..<200_000 {
             var bytes: [UInt8]
@@ -83,16 +84,5 @@ import Testing
             _ = try? Wire.decodeReply(bytes)
         }
         #expect(accepted > 0, "the fuzzer never produced a valid frame; it is not exercising the decoder")
-    }
-}
-
-struct Rng {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
