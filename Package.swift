@@ -39,7 +39,7 @@ let package = Package(
         .target(
             name: "FarpageMemserver",
             dependencies: [
-                "FarpageTransport", "FarpageKernel", "CFarpageChecksum",
+                "FarpageTransport", "FarpageKernel", "FarpageProtocol", "CFarpageChecksum",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -112,7 +112,9 @@ let package = Package(
         .testTarget(name: "FarpageProtocolTests", dependencies: ["FarpageProtocol", "FarpageTransport", "FarpageTestSupport"]),
         .testTarget(
             name: "FarpageMemserverTests",
-            dependencies: ["FarpageMemserver", "FarpageTransport", "FarpageKernel", "CFarpageChecksum", "FarpageTestSupport"]),
+            dependencies: [
+                "FarpageMemserver", "FarpageTransport", "FarpageKernel", "FarpageProtocol", "CFarpageChecksum", "FarpageTestSupport",
+            ]),
         .testTarget(name: "FarpagePagingTests", dependencies: ["FarpagePaging", "FarpageTiers"]),
         .testTarget(
             name: "FarpageAgentTests",

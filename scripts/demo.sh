@@ -25,6 +25,7 @@ echo "== starting two memory servers on loopback (512 MiB each)"
 ports=()
 for i in 1 2; do
   "$bin/farpaged" memserver --listen 127.0.0.1:0 --capacity 512MiB --secret-file "$work/cluster.secret" \
+    --admin-socket "$work/memserver$i.sock" \
     --log-level info 2> "$work/memserver$i.log" &
   pids+=($!)
   wait_for_log "$work/memserver$i.log" "fp.listen=127.0.0.1:"

@@ -246,7 +246,7 @@ public final class Agent: @unchecked Sendable {
         store.report().map {
             PoolServer(address: $0.address, status: $0.status.rawValue, transport: $0.transport, capacityBytes: $0.capacityBytes,
                        leaseBytes: $0.leaseBytes, leases: $0.leases, storedPages: $0.storedPages, errors: $0.errors,
-                       lastError: $0.lastError)
+                       lastError: $0.lastError, reclaimingLeases: $0.reclaimingLeases)
         }
     }
 

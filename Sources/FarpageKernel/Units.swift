@@ -19,6 +19,16 @@ public func parseSize(_ text: String) -> UInt64? {
     return n << shift
 }
 
+/// As `parseSize`, but "0" (with or without a unit) is 0: for limits where zero means "none" or "off".
+public func parseSizeAllowingZero(_ text: String) -> UInt64? {
+    let s = text.trimmingCharacters(in: " \t")
+    let digits = s.prefix { $0.isNumber }
+    if !digits.isEmpty, digits.allSatisfy({ $0 == "0" }) {
+        return parseSize("1" + s.dropFirst(digits.count)) != nil ? 0 : nil
+    }
+    return parseSize(text)
+}
+
 /// "10s", "500ms", "2m" → seconds. Nil when malformed or negative.
 public func parseDuration(_ text: String) -> Double? {
     let s = text.trimmingCharacters(in: " \t").lowercased()

@@ -30,6 +30,11 @@ public struct LeaseError: Error, Sendable, Equatable {
 /// (`MADV_DONTNEED`) before they are lent again. Data operations take a shared lock, lease
 /// allocation and release an exclusive one, so a slab is never reused while a copy into or
 /// out of it is running.
+///
+/// Donor pressure: `setLimit` lowers how many leases may be lent. Leases beyond the limit are
+/// marked for reclaim (spread over the agents holding the most) and stay readable and
+/// writable until their agent, having moved its pages elsewhere, frees them: the server
+/// never takes a lease back by force.
 public final class LeaseTable: @unchecked Sendable {
     public let leaseBytes: Int
     public let capacityLeases: Int
@@ -46,11 +51,16 @@ public final class LeaseTable: @unchecked Sendable {
     private var spare: [UnsafeMutableRawPointer] = []
     private var nextID: UInt64 = 1
     private var mappedSlabs = 0
+    /// Most leases that may be lent now (the capacity, lowered while reclaiming).
+    private var limitLeases: Int
+    /// Leases asked back, and when (monotonic ns).
+    private var reclaim: [UInt64: UInt64] = [:]
 
     public init(capacityBytes: UInt64, leaseBytes: Int) {
         self.leaseBytes = leaseBytes
         self.pagesPerLease = leaseBytes / MemWire.pageSize
         self.capacityLeases = Int(capacityBytes / UInt64(leaseBytes))
+        limitLeases = capacityLeases
         pthread_rwlock_init(&rwlock, nil)
     }
 
@@ -81,7 +91,7 @@ public final class LeaseTable: @unchecked Sendable {
     public func allocate(owner: AgentID, count: Int) -> [UInt64] {
         (try? exclusive { () throws(LeaseError) -> [UInt64] in
             var ids: [UInt64] = []
-            while ids.count < count, leases.count < capacityLeases {
+            while ids.count < count, leases.count < min(capacityLeases, limitLeases) {
                 let base: UnsafeMutableRawPointer
                 if let s = spare.popLast() {
                     base = s
@@ -106,6 +116,7 @@ public final class LeaseTable: @unchecked Sendable {
                 throw LeaseError(code: .noSuchLease, message: "lease \(leaseID) is not held by this agent")
             }
             leases[leaseID] = nil
+            reclaim[leaseID] = nil
             recycle(l.base)
         }
     }
@@ -117,6 +128,7 @@ public final class LeaseTable: @unchecked Sendable {
             let mine = leases.filter { $0.value.owner == owner }
             for (id, l) in mine {
                 leases[id] = nil
+                reclaim[id] = nil
                 recycle(l.base)
             }
             return mine.count
@@ -185,13 +197,80 @@ public final class LeaseTable: @unchecked Sendable {
         public let capacityLeases: Int
         public let owners: Int
         public let mappedSlabs: Int
+        /// Most leases that may be lent now.
+        public let limitLeases: Int
+        /// Leases asked back and not yet returned.
+        public let reclaiming: Int
     }
 
     public var usage: Usage {
         (try? shared { () throws(LeaseError) -> Usage in
             Usage(leases: leases.count, capacityLeases: capacityLeases, owners: Set(leases.values.map(\.owner)).count,
-                  mappedSlabs: mappedSlabs)
-        }) ?? Usage(leases: 0, capacityLeases: capacityLeases, owners: 0, mappedSlabs: 0)
+                  mappedSlabs: mappedSlabs, limitLeases: min(limitLeases, capacityLeases), reclaiming: reclaim.count)
+        }) ?? Usage(leases: 0, capacityLeases: capacityLeases, owners: 0, mappedSlabs: 0, limitLeases: 0, reclaiming: 0)
+    }
+
+    // MARK: Reclaim
+
+    /// Sets how many leases may be lent. Leases lent beyond it are marked for reclaim, taken
+    /// first from the agents holding the most (newest leases first); raising it again unmarks
+    /// the most recently marked. Returns how many leases are marked now.
+    @discardableResult
+    public func setLimit(leases newLimit: Int) -> Int {
+        (try? exclusive { () throws(LeaseError) -> Int in
+            limitLeases = max(0, min(capacityLeases, newLimit))
+            let wanted = max(0, leases.count - limitLeases)
+            if reclaim.count > wanted {
+                let newest = reclaim.sorted { $0.value != $1.value ? $0.value > $1.value : $0.key > $1.key }
+                for (id, _) in newest.prefix(reclaim.count - wanted) { reclaim[id] = nil }
+            } else if reclaim.count < wanted {
+                var unmarked: [AgentID: [UInt64]] = [:]
+                for (id, l) in leases where reclaim[id] == nil { unmarked[l.owner, default: []].append(id) }
+                for owner in unmarked.keys { unmarked[owner]!.sort() }
+                let now = monotonicNanoseconds()
+                while reclaim.count < wanted,
+                    let owner = unmarked.max(by: { a, b in a.value.count != b.value.count ? a.value.count < b.value.count : a.key.description < b.key.description })?.key,
+                    let id = unmarked[owner]!.popLast()
+                {
+                    reclaim[id] = now
+                }
+            }
+            return reclaim.count
+        }) ?? 0
+    }
+
+    /// The leases of `owner` the server wants back.
+    public func reclaimRequested(owner: AgentID) -> [UInt64] {
+        (try? shared { () throws(LeaseError) -> [UInt64] in
+            reclaim.keys.filter { leases[$0]?.owner == owner }.sorted()
+        }) ?? []
+    }
+
+    /// Per agent: leases held, leases asked back, and how long the oldest request has waited.
+    public struct AgentUsage: Sendable {
+        public let agent: AgentID
+        public let leases: Int
+        public let reclaiming: Int
+        public let oldestReclaimSeconds: Double
+    }
+
+    public func agentUsage() -> [AgentUsage] {
+        (try? shared { () throws(LeaseError) -> [AgentUsage] in
+            let now = monotonicNanoseconds()
+            var held: [AgentID: (Int, Int, UInt64)] = [:]
+            for (id, l) in leases {
+                var e = held[l.owner] ?? (0, 0, now)
+                e.0 += 1
+                if let since = reclaim[id] {
+                    e.1 += 1
+                    e.2 = min(e.2, since)
+                }
+                held[l.owner] = e
+            }
+            return held.map { AgentUsage(agent: $0.key, leases: $0.value.0, reclaiming: $0.value.1,
+                                         oldestReclaimSeconds: Double(now - $0.value.2) / 1e9) }
+                .sorted { $0.leases > $1.leases }
+        }) ?? []
     }
 
     public func leaseCount(owner: AgentID) -> Int {

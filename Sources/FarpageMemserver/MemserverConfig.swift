@@ -13,6 +13,10 @@ public struct MemserverConfig: Sendable, Equatable {
     public var threads = 0
     public var leaseGraceSeconds = 30.0
     public var handshakeTimeoutSeconds = 10.0
+    /// Free memory (MemAvailable) the host keeps for itself; below it, leases are asked back. 0: off.
+    public var headroomBytes: UInt64 = 0
+    /// Local administration socket for `farpagectl memserver`; empty: none.
+    public var adminSocket = "/run/farpage-memserver/admin.sock"
     public var logLevel: Logger.Level = .info
 
     public init() {}
@@ -35,7 +39,8 @@ public struct MemserverConfigError: Error, CustomStringConvertible, Equatable {
 
 extension MemserverConfig {
     static let known: [String: Set<String>] = [
-        "memserver": ["listen", "capacity", "lease_size", "secret_file", "threads", "lease_grace", "handshake_timeout"],
+        "memserver": ["listen", "capacity", "lease_size", "secret_file", "threads", "lease_grace", "handshake_timeout",
+                      "headroom", "admin_socket"],
         "log": ["level"],
     ]
 
@@ -80,6 +85,19 @@ extension MemserverConfig {
                 throw MemserverConfigError(key: "memserver.lease_size", problem: "is not a size", fix: "e.g. lease_size = \"64MiB\"")
             }
             c.leaseBytes = Int(n)
+        }
+        if let v = m?["headroom"] {
+            guard let n = v.int.flatMap({ $0 >= 0 ? UInt64($0) : nil }) ?? v.string.flatMap(parseSizeAllowingZero) else {
+                throw MemserverConfigError(key: "memserver.headroom", problem: "is not a size", fix: "e.g. headroom = \"2GiB\" (0 = off)")
+            }
+            c.headroomBytes = n
+        }
+        if let v = m?["admin_socket"] {
+            guard let s = v.string, s.isEmpty || s.hasPrefix("/") else {
+                throw MemserverConfigError(key: "memserver.admin_socket", problem: "must be an absolute path or empty",
+                                           fix: "e.g. admin_socket = \"/run/farpage-memserver/admin.sock\" (\"\" = none)")
+            }
+            c.adminSocket = s
         }
         if let v = m?["secret_file"] {
             guard let s = v.string, s.hasPrefix("/") else {

@@ -1,5 +1,7 @@
 import FarpageKernel
+import FarpageProtocol
 import FarpageTransport
+import Foundation
 import Logging
 import NIOCore
 import NIOPosix
@@ -62,14 +64,23 @@ final class AgentSessions: @unchecked Sendable {
         }
     }
 
-    /// Agents gone for longer than `grace`: forgotten here, returned to be freed.
-    func expired(grace: Double) -> [AgentID] {
+    /// Forgets the agents gone for longer than `grace` and runs `free` for each, under the
+    /// session lock: an agent reconnecting meanwhile either comes back before the check (and
+    /// keeps its leases) or after `free` (and finds none), never in between.
+    func expire(grace: Double, free: (AgentID) -> Int) -> [(AgentID, Int)] {
         let now = monotonicNanoseconds()
         return sessions.withLock { s in
             let gone = s.filter { _, v in v.disconnectedAt.map { Double(now - $0) / 1e9 > grace } ?? false }.map(\.key)
-            for a in gone { s[a] = nil }
-            return gone
+            return gone.map { a in
+                s[a] = nil
+                return (a, free(a))
+            }
         }
+    }
+
+    /// Name and connection state of every known agent.
+    func known() -> [AgentID: (name: String, connected: Bool)] {
+        sessions.withLock { s in s.mapValues { ($0.name, !$0.channels.isEmpty) } }
     }
 
     var connectedAgents: Int { sessions.withLock { s in s.values.filter { !$0.channels.isEmpty }.count } }
@@ -199,7 +210,7 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
             logger.info("agent authenticated", metadata: ["fp.name": "\(name)"])
             let proof = server.secret.serverProof(serverNonce: serverNonce, clientNonce: clientNonce, agentID: agent.bytes)
             send(context, .authOK(mac: proof, leaseBytes: UInt64(server.leases.leaseBytes),
-                                  capacityBytes: server.config.capacityBytes), requestID: header.requestID)
+                                  capacityBytes: server.stats(for: agent).capacityBytes), requestID: header.requestID)
         case (.ready(let agent), _):
             serve(context, agent: agent, request: request, requestID: header.requestID)
         case (.awaitingHello, _), (.awaitingAuth, _):
@@ -219,7 +230,12 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
             }
             let ids = server.leases.allocate(owner: agent, count: Int(min(count, 1024)))
             if ids.isEmpty && count > 0 {
-                reply = .error(code: MemErrorCode.noCapacity.rawValue, message: "no capacity left (\(server.leases.capacityLeases) leases lent)")
+                let u = server.leases.usage
+                reply = .error(
+                    code: MemErrorCode.noCapacity.rawValue,
+                    message: u.limitLeases < u.capacityLeases
+                        ? "the server is reclaiming memory: it lends at most \(u.limitLeases) of its \(u.capacityLeases) leases now"
+                        : "no capacity left (\(u.leases) leases lent)")
             } else {
                 reply = .leases(ids)
             }
@@ -242,7 +258,9 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
                 reply = .error(code: error.code.rawValue, message: error.message)
             }
         case .ping:
-            reply = .pong(server.stats)
+            reply = .pong(server.stats(for: agent))
+        case .reclaimQuery:
+            reply = .reclaim(leases: Array(server.leases.reclaimRequested(owner: agent).prefix(MemWire.maxLeaseIDs)))
         case .hello, .auth:
             reply = .error(code: MemErrorCode.malformed.rawValue, message: "already authenticated")
         }
@@ -275,6 +293,20 @@ public final class Memserver: @unchecked Sendable {
     let authFailures = Atomic<UInt64>(0)
     let draining = Atomic<Bool>(false)
     private var channel: (any Channel)?
+    private(set) var boundPort = 0
+
+    /// What bounds lending besides the capacity. Lock order: this, then the lease table.
+    struct Limits {
+        /// Set by the operator (`farpagectl memserver limit|reclaim`), in leases.
+        var operatorLeases: Int?
+        /// What free memory allows, in leases (the capacity when there is no pressure).
+        var pressureLeases: Int
+        var headroomBytes: UInt64
+        var memAvailable: UInt64?
+        var effective: Int
+        var lastStaleWarning: UInt64 = 0
+    }
+    let limits: Mutex<Limits>
 
     public init(config: MemserverConfig, secret: ClusterSecret, logger: Logger) {
         // Page batches are up to 1 MiB: keep such buffers mmapped and returned to the kernel
@@ -286,16 +318,122 @@ public final class Memserver: @unchecked Sendable {
         self.logger = logger
         leases = LeaseTable(capacityBytes: config.capacityBytes, leaseBytes: config.leaseBytes)
         group = MultiThreadedEventLoopGroup(numberOfThreads: config.effectiveThreads)
+        limits = Mutex(Limits(operatorLeases: nil, pressureLeases: leases.capacityLeases, headroomBytes: config.headroomBytes,
+                              memAvailable: nil, effective: leases.capacityLeases))
     }
 
     var isDraining: Bool { draining.load(ordering: .relaxed) }
 
-    var stats: MemServerStats {
+    /// Counters for a PONG to `agent`: `capacity_bytes` is what the server lends now (lowered
+    /// while it reclaims), `reclaiming` how many of this agent's leases it wants back.
+    func stats(for agent: AgentID) -> MemServerStats {
         let u = leases.usage
         return MemServerStats(
-            capacityBytes: config.capacityBytes, usedBytes: UInt64(u.leases * leases.leaseBytes),
+            capacityBytes: UInt64(u.limitLeases) * UInt64(leases.leaseBytes), usedBytes: UInt64(u.leases * leases.leaseBytes),
             leaseBytes: UInt64(leases.leaseBytes), leasesHeld: UInt32(u.leases),
-            agents: UInt32(sessions.connectedAgents), reclaiming: 0)
+            agents: UInt32(sessions.connectedAgents), reclaiming: UInt32(leases.reclaimRequested(owner: agent).count))
+    }
+
+    // MARK: Donor pressure
+
+    /// Recomputes the lending limit and marks (or unmarks) leases to reclaim. Call with `limits` held.
+    private func apply(_ l: inout Limits, reason: String) {
+        let limit = min(leases.capacityLeases, l.operatorLeases ?? Int.max, l.pressureLeases)
+        let old = l.effective
+        l.effective = limit
+        let marked = leases.setLimit(leases: limit)
+        guard limit != old else { return }
+        let lb = UInt64(leases.leaseBytes)
+        if limit < old {
+            logger.notice(
+                "lowering the lending limit; asking agents to give leases back",
+                metadata: ["fp.reason": "\(reason)", "fp.limit_bytes": "\(UInt64(limit) * lb)", "fp.reclaiming": "\(marked)"])
+        } else {
+            logger.notice("raising the lending limit", metadata: ["fp.reason": "\(reason)", "fp.limit_bytes": "\(UInt64(limit) * lb)",
+                                                                 "fp.reclaiming": "\(marked)"])
+        }
+    }
+
+    /// Asks for `bytes` of lent memory back: the limit drops that far below what is lent now.
+    public func reclaim(bytes: UInt64) {
+        limits.withLock { l in
+            let u = leases.usage
+            let n = Int((bytes + UInt64(leases.leaseBytes) - 1) / UInt64(leases.leaseBytes))
+            l.operatorLeases = max(0, min(l.operatorLeases ?? Int.max, u.leases - u.reclaiming - n))
+            apply(&l, reason: "operator asked for \(bytes) bytes back")
+        }
+    }
+
+    /// Sets the operator's lending limit; nil lifts it.
+    public func setLimit(bytes: UInt64?) {
+        limits.withLock { l in
+            l.operatorLeases = bytes.map { Int(min($0 / UInt64(leases.leaseBytes), UInt64(Int.max))) }
+            apply(&l, reason: bytes.map { "operator set the limit to \($0) bytes" } ?? "operator lifted the limit")
+        }
+    }
+
+    /// Sets the free-memory headroom; nil restores the configured one.
+    public func setHeadroom(bytes: UInt64?) {
+        limits.withLock { l in l.headroomBytes = bytes ?? config.headroomBytes }
+        checkPressure()
+    }
+
+    /// Once a second: keeps `headroom` bytes of the host's memory free. Below it, the limit
+    /// drops until enough leases are asked back (counting those already on their way back);
+    /// it rises again only once free memory is two leases above the headroom (hysteresis).
+    public func checkPressure() {
+        let available = memAvailableBytes()
+        limits.withLock { l in
+            l.memAvailable = available
+            let cap = leases.capacityLeases
+            if l.headroomBytes == 0 {
+                l.pressureLeases = cap
+            } else if let available {
+                let u = leases.usage
+                let lb = Int64(leases.leaseBytes)
+                let surplus = Int64(clamping: available) + Int64(u.reclaiming) * lb - Int64(clamping: l.headroomBytes)
+                let kept = u.leases - u.reclaiming
+                if surplus < 0 {
+                    l.pressureLeases = max(0, kept - Int((-surplus + lb - 1) / lb))
+                } else if surplus >= 2 * lb {
+                    l.pressureLeases = min(cap, max(l.pressureLeases, kept + Int((surplus - lb) / lb)))
+                }
+            }
+            apply(&l, reason: "free memory \(available.map(String.init) ?? "unknown") bytes, headroom \(l.headroomBytes) bytes")
+            // An agent that does not give leases back is named once a minute; the server keeps
+            // waiting (taking a lease by force would lose its pages).
+            let now = monotonicNanoseconds()
+            if now - l.lastStaleWarning > 60_000_000_000 {
+                let slow = leases.agentUsage().filter { $0.reclaiming > 0 && $0.oldestReclaimSeconds > 60 }
+                if !slow.isEmpty {
+                    l.lastStaleWarning = now
+                    let names = sessions.known()
+                    for a in slow {
+                        logger.warning(
+                            "agent has not given back the leases asked of it; still waiting (check that agent's log: it needs room elsewhere in its pool)",
+                            metadata: ["fp.agent": "\(a.agent)", "fp.name": "\(names[a.agent]?.name ?? "?")", "fp.leases": "\(a.reclaiming)",
+                                       "fp.waiting_s": "\(Int(a.oldestReclaimSeconds))"])
+                    }
+                }
+            }
+        }
+    }
+
+    public var adminStatus: MemserverAdmin.Status {
+        let (l, u) = limits.withLock { l in (l, leases.usage) }
+        let lb = UInt64(leases.leaseBytes)
+        let names = sessions.known()
+        let agents = leases.agentUsage().prefix(MemserverAdmin.maxAgentsListed).map { a in
+            MemserverAdmin.Agent(id: "\(a.agent)", name: names[a.agent]?.name ?? "", connected: names[a.agent]?.connected ?? false,
+                                 leases: a.leases, reclaiming: a.reclaiming,
+                                 oldestReclaimSeconds: a.reclaiming > 0 ? (a.oldestReclaimSeconds * 10).rounded() / 10 : 0)
+        }
+        return MemserverAdmin.Status(
+            listen: "\(config.host):\(boundPort)", capacityBytes: UInt64(leases.capacityLeases) * lb, leaseBytes: lb,
+            limitBytes: UInt64(u.limitLeases) * lb, operatorLimitBytes: l.operatorLeases.map { UInt64($0) * lb },
+            pressureLimitBytes: UInt64(min(l.pressureLeases, leases.capacityLeases)) * lb, headroomBytes: l.headroomBytes,
+            memAvailableBytes: l.memAvailable, lentBytes: UInt64(u.leases) * lb, leases: u.leases, reclaimingLeases: u.reclaiming,
+            agents: Array(agents))
     }
 
     /// Binds the listening socket. Returns the bound port (useful with port 0).
@@ -315,6 +453,7 @@ public final class Memserver: @unchecked Sendable {
         let ch = try await bootstrap.bind(host: config.host, port: config.port).get()
         channel = ch
         let port = ch.localAddress?.port ?? config.port
+        boundPort = port
         logger.info(
             "farpaged memserver listening",
             metadata: [
@@ -326,8 +465,7 @@ public final class Memserver: @unchecked Sendable {
 
     /// Frees the leases of agents that stayed away longer than the grace period.
     public func expireAbandoned() {
-        for agent in sessions.expired(grace: config.leaseGraceSeconds) {
-            let n = leases.freeAll(owner: agent)
+        for (agent, n) in sessions.expire(grace: config.leaseGraceSeconds, free: { leases.freeAll(owner: $0) }) {
             if n > 0 { logger.notice("agent did not come back within the grace period; its leases were freed", metadata: ["fp.agent": "\(agent)", "fp.leases": "\(n)"]) }
         }
     }
@@ -338,4 +476,15 @@ public final class Memserver: @unchecked Sendable {
         try? await group.shutdownGracefully()
         logger.info("farpaged memserver stopped")
     }
+}
+
+/// MemAvailable from /proc/meminfo, in bytes; nil when it cannot be read.
+func memAvailableBytes() -> UInt64? {
+    guard let text = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8) else { return nil }
+    for line in text.split(separator: "\n") where line.hasPrefix("MemAvailable:") {
+        let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+        guard fields.count >= 2, let kib = UInt64(fields[1]) else { return nil }
+        return kib * 1024
+    }
+    return nil
 }

@@ -231,7 +231,8 @@ extension Region {
             store.submitAndWait(batch)
             if batch.errors.first.flatMap({ $0 }) == nil { break }
             attempt += 1
-            if attempt >= 3 {
+            // A page gone for good is poisoned at once; one the tier cannot reach now is retried.
+            if attempt >= 3 || batch.errors[0]?.code == .lost {
                 let error = batch.errors[0]!
                 logger.error(
                     "far tier could not return a page; poisoning it (the client gets SIGBUS on touch)",

@@ -106,6 +106,14 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
         _ = try withConnection { c throws(TransportError) in try c.call(.leaseFree(leaseID: id)) }
     }
 
+    /// The leases the server wants back (donor pressure).
+    func reclaimRequested() throws(TransportError) -> [UInt64] {
+        try withConnection { c throws(TransportError) in
+            guard case .reclaim(let ids) = try c.call(.reclaimQuery) else { throw TransportError(.protocolViolation, "bad RECLAIM") }
+            return ids
+        }
+    }
+
     /// - Parameter allowUnwritten: accept slots never written (stored checksum 0 and zero data);
     ///   a drain copies whole leases, including slots reserved by a write that failed.
     func read(lease id: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer, allowUnwritten: Bool)

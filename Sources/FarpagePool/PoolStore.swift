@@ -31,6 +31,8 @@ public struct PoolServerReport: Codable, Sendable {
     public var errors: UInt64
     public var lastError: String
     public var transport: String
+    /// Leases the server asked back that are still being moved.
+    public var reclaimingLeases: Int
 }
 
 /// The pool of far memory: leases on memory servers (placed by free capacity, power of two
@@ -53,6 +55,12 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         var capacityBytes: UInt64
         let errors = Atomic<UInt64>(0)
         var lastError = ""
+        /// A reclaim (donor pressure) thread is running for this server.
+        var reclaimRunning = false
+        /// Lease ids the server asked back that we hold no record of, at the last query:
+        /// freed when asked again (a lease whose release was lost on the way).
+        var unknownReclaimIDs: Set<UInt64> = []
+        var lastReclaimComplaint: UInt64 = 0
         init(backend: any LeaseBackend, isLocal: Bool, capacityBytes: UInt64) {
             self.backend = backend
             self.isLocal = isLocal
@@ -68,6 +76,12 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         var freeSlots: [UInt32] = []
         var nextFresh = 0
         var used = 0
+        /// Asked back by its server: takes no new pages, and is being moved. Pool mutex.
+        var reclaiming = false
+        /// The server no longer holds it (it freed it while we were away): its pages are gone.
+        var lost = false
+        /// Consecutive heartbeats it held no page; returned to its server after a few.
+        var emptyHeartbeats = 0
         private var rw = pthread_rwlock_t()
         init(server: Server, remoteID: UInt64, pages: Int) {
             self.server = server
@@ -216,50 +230,72 @@ public final class PoolStore: PageStore, @unchecked Sendable {
 
     private func drainLeases(_ leases: [Lease], of server: Server, buffer: UnsafeMutableRawPointer) -> Bool {
         var ok = true
-        for lease in leases {
-            let moved: Bool = lease.exclusive {
-                guard let (target, remoteID) = try? allocateLease(on: chooseServer(excluding: server), excluding: server) else {
-                    logger.error("no capacity anywhere to drain a lease into", metadata: ["fp.server": "\(server.address)"])
-                    return false
+        for lease in leases where !moveLease(lease, from: server, buffer: buffer) { ok = false }
+        return ok
+    }
+
+    /// Moves one lease off `server`: its used part is copied into a new lease elsewhere (another
+    /// server, else the local spill) and its record switched, so page tables do not change. A
+    /// lease holding no page is just given back. Faults on the lease wait while it moves.
+    func moveLease(_ lease: Lease, from server: Server, buffer: UnsafeMutableRawPointer) -> Bool {
+        lease.exclusive {
+            // Slots are reserved under the pool mutex; no slot past `nextFresh` can hold data yet.
+            let (present, used, nextFresh) = state.withLock { s in
+                (s.leases.contains { $0 === lease } && lease.server === server, lease.used, lease.nextFresh)
+            }
+            guard present else { return true }  // returned or moved meanwhile
+            if used == 0 {
+                let removed = state.withLock { s -> Bool in
+                    // Nothing can be reserved in it: its server drains, or it is being reclaimed.
+                    guard lease.used == 0, let i = s.leases.firstIndex(where: { $0 === lease }) else { return false }
+                    s.leases[i] = nil
+                    s.freeLeaseIndices.append(i)
+                    return true
                 }
-                let targetPages = Int(target.backend.leaseBytes) / pageSize
-                guard targetPages >= state.withLock({ _ in lease.nextFresh }) else {
-                    logger.error("cannot drain: the target's leases are smaller than this one's used part; use one lease_size across the pool",
-                                 metadata: ["fp.server": "\(server.address)", "fp.target": "\(target.address)"])
+                if removed {
+                    try? server.backend.freeLease(lease.remoteID)
+                    return true
+                }
+            }
+            guard let (target, remoteID) = try? allocateLease(on: chooseServer(excluding: server), excluding: server) else {
+                logger.error("no capacity anywhere to move a lease into", metadata: ["fp.server": "\(server.address)"])
+                return false
+            }
+            let targetPages = Int(target.backend.leaseBytes) / pageSize
+            guard targetPages >= nextFresh else {
+                logger.error("cannot move a lease: the target's leases are smaller than this one's used part; use one lease_size across the pool",
+                             metadata: ["fp.server": "\(server.address)", "fp.target": "\(target.address)"])
+                try? target.backend.freeLease(remoteID)
+                return false
+            }
+            var page = 0
+            while page < nextFresh {
+                let n = min(MemWire.maxPagesPerIO, nextFresh - page)
+                do {
+                    try server.backend.read(lease: lease.remoteID, offset: UInt64(page * pageSize), pages: n, into: buffer,
+                                            allowUnwritten: true)
+                    try target.backend.write(lease: remoteID, offset: UInt64(page * pageSize), pages: n, from: buffer)
+                } catch {
+                    logger.error("moving a lease failed", metadata: ["fp.server": "\(server.address)", "fp.error": "\(error)"])
                     try? target.backend.freeLease(remoteID)
                     return false
                 }
-                // Slots are reserved under the pool mutex; no slot past this can hold data yet.
-                let used = state.withLock { _ in lease.nextFresh }
-                var page = 0
-                while page < used {
-                    let n = min(MemWire.maxPagesPerIO, used - page)
-                    do {
-                        try server.backend.read(lease: lease.remoteID, offset: UInt64(page * pageSize), pages: n, into: buffer,
-                                                allowUnwritten: true)
-                        try target.backend.write(lease: remoteID, offset: UInt64(page * pageSize), pages: n, from: buffer)
-                    } catch {
-                        logger.error("draining a lease failed", metadata: ["fp.server": "\(server.address)", "fp.error": "\(error)"])
-                        try? target.backend.freeLease(remoteID)
-                        return false
-                    }
-                    page += n
-                }
-                let old = lease.remoteID
-                // Switched under both locks: data paths read the record under the lease lock,
-                // placement and reports under the pool mutex.
-                state.withLock { _ in
-                    lease.server = target
-                    lease.remoteID = remoteID
-                    lease.pages = min(lease.pages, targetPages)
-                    lease.freeSlots.removeAll { Int($0) >= lease.pages }
-                }
-                try? server.backend.freeLease(old)
-                return true
+                page += n
             }
-            if !moved { ok = false }
+            let old = lease.remoteID
+            // Switched under both locks: data paths read the record under the lease lock,
+            // placement and reports under the pool mutex.
+            state.withLock { _ in
+                lease.server = target
+                lease.remoteID = remoteID
+                lease.reclaiming = false
+                lease.emptyHeartbeats = 0
+                lease.pages = min(lease.pages, targetPages)
+                lease.freeSlots.removeAll { Int($0) >= lease.pages }
+            }
+            try? server.backend.freeLease(old)
+            return true
         }
-        return ok
     }
 
     /// Pings remote servers; marks them failed or healthy again. Call periodically.
@@ -271,15 +307,106 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             guard let remote = server.backend as? RemoteBackend else { continue }
             do {
                 let stats = try remote.ping()
-                state.withLock { _ in
+                let flagged = state.withLock { s -> Int in
                     if server.status == .failed {
                         logger.notice("memory server answers again", metadata: ["fp.server": "\(server.address)"])
                     }
                     if server.status != .draining { server.status = .healthy }
                     server.capacityBytes = stats.capacityBytes
+                    return s.leases.reduce(0) { $0 + ($1?.server === server && $1!.reclaiming ? 1 : 0) }
                 }
+                // Donor pressure: the server wants leases back (or stopped wanting them).
+                if stats.reclaiming > 0 || flagged > 0 { startReclaim(server, remote) }
             } catch {
                 noteFailure(server, error)
+            }
+        }
+        returnEmptyLeases()
+    }
+
+    /// Gives back leases that have held no page for three heartbeats: memory a server lends us
+    /// is memory its host cannot use, and the local spill's is our own.
+    func returnEmptyLeases() {
+        let candidates = state.withLock { s -> [Lease] in
+            s.leases.compactMap { $0 }.filter { l in
+                l.emptyHeartbeats = l.used == 0 && !l.reclaiming && !l.lost && (l.server.status == .healthy || l.server.isLocal)
+                    ? l.emptyHeartbeats + 1 : 0
+                return l.emptyHeartbeats >= 3
+            }
+        }
+        for lease in candidates {
+            lease.exclusive {
+                let removed = state.withLock { s -> Bool in
+                    guard lease.used == 0, lease.emptyHeartbeats >= 3, let i = s.leases.firstIndex(where: { $0 === lease }) else { return false }
+                    s.leases[i] = nil
+                    s.freeLeaseIndices.append(i)
+                    return true
+                }
+                if removed { try? lease.server.backend.freeLease(lease.remoteID) }
+            }
+        }
+    }
+
+    /// Asks the server which leases it wants back and moves them elsewhere, on a thread of its
+    /// own; the server frees its memory once each is returned. One at a time per server; a
+    /// lease that cannot be moved now (nowhere to put it) is retried at the next heartbeat.
+    private func startReclaim(_ server: Server, _ remote: RemoteBackend) {
+        let begin = state.withLock { _ -> Bool in
+            guard !server.reclaimRunning, server.status == .healthy else { return false }
+            server.reclaimRunning = true
+            return true
+        }
+        guard begin else { return }
+        startThread(name: "fp-reclaim", detached: true) { [self] in
+            defer { state.withLock { _ in server.reclaimRunning = false } }
+            let wanted: Set<UInt64>
+            do throws(TransportError) { wanted = Set(try remote.reclaimRequested()) } catch {
+                noteFailure(server, error)
+                return
+            }
+            let (leases, unknown) = state.withLock { s -> ([Lease], Set<UInt64>) in
+                var known: Set<UInt64> = []
+                var asked: [Lease] = []
+                for case let l? in s.leases where l.server === server {
+                    l.reclaiming = wanted.contains(l.remoteID)  // the server may have stopped asking
+                    if l.reclaiming {
+                        asked.append(l)
+                        known.insert(l.remoteID)
+                    }
+                }
+                let unknown = wanted.subtracting(known)
+                defer { server.unknownReclaimIDs = unknown }
+                return (asked, unknown.intersection(server.unknownReclaimIDs))
+            }
+            for id in unknown {
+                // Asked twice for a lease we hold no record of: its release was lost; free it now.
+                try? remote.freeLease(id)
+            }
+            guard !leases.isEmpty else { return }
+            logger.notice("memory server asks for leases back; moving their pages elsewhere",
+                          metadata: ["fp.server": "\(server.address)", "fp.leases": "\(leases.count)"])
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: MemWire.maxPagesPerIO * pageSize, alignment: pageSize)
+            defer { buffer.deallocate() }
+            var returned = 0
+            for lease in leases {
+                guard state.withLock({ _ in lease.reclaiming && server.status == .healthy }) else { continue }
+                if moveLease(lease, from: server, buffer: buffer) { returned += 1 }
+            }
+            let left = leases.count - returned
+            if left == 0 {
+                logger.notice("leases given back to the memory server", metadata: ["fp.server": "\(server.address)", "fp.leases": "\(returned)"])
+                return
+            }
+            let now = monotonicNanoseconds()
+            let complain = state.withLock { _ -> Bool in
+                guard now - server.lastReclaimComplaint > 30_000_000_000 else { return false }
+                server.lastReclaimComplaint = now
+                return true
+            }
+            if complain {
+                logger.error(
+                    "memory server wants leases back but their pages have nowhere to go; retrying every heartbeat (attach another server or raise [store] capacity)",
+                    metadata: ["fp.server": "\(server.address)", "fp.returned": "\(returned)", "fp.left": "\(left)"])
             }
         }
     }
@@ -315,7 +442,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                     address: server.address, status: server.status, capacityBytes: server.capacityBytes,
                     leaseBytes: server.backend.leaseBytes, leases: mine.count, storedPages: mine.reduce(0) { $0 + $1.used },
                     errors: server.errors.load(ordering: .relaxed), lastError: server.lastError,
-                    transport: server.isLocal ? "local" : "tcp")
+                    transport: server.isLocal ? "local" : "tcp", reclaimingLeases: mine.filter(\.reclaiming).count)
             }
         }
     }
@@ -377,8 +504,10 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 var taken: [PageLocation] = []
                 for (index, lease) in s.leases.enumerated() {
                     guard let lease else { continue }
-                    // Only leases of the chosen server (or, with no healthy server, the spill).
-                    guard lease.server === (target ?? local), lease.server.status == .healthy else { continue }
+                    // Only leases of the chosen server (or, with no healthy server, the spill), and
+                    // none its server asked back.
+                    guard lease.server === (target ?? local), lease.server.status == .healthy, !lease.reclaiming, !lease.lost
+                    else { continue }
                     while taken.count < count - out.count, lease.nextFresh < lease.pages {
                         taken.append(location(index, lease.nextFresh))
                         lease.nextFresh += 1
@@ -413,7 +542,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     private func reserveSlots(on lease: Lease, count: Int) throws(StoreError) -> [PageLocation] {
         let got = state.withLock { s -> [PageLocation] in
             // A lease whose server started draining (or failed) meanwhile takes no new pages.
-            guard lease.server.status == .healthy || lease.server.isLocal,
+            guard lease.server.status == .healthy || lease.server.isLocal, !lease.reclaiming, !lease.lost,
                 let index = s.leases.firstIndex(where: { $0 === lease })
             else { return [] }
             var taken: [PageLocation] = []
@@ -475,8 +604,12 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 }
                 target = scratch!
             }
-            let forgotten = state.withLock { _ in lease.server.status == .detached && lease.server.permanentlyFailed }
-            let failure: TransportError? = forgotten ? TransportError(.unreachable, "\(lease.server.address) was removed from the pool") : lease.shared {
+            let (forgotten, gone) = state.withLock { _ in
+                (lease.server.status == .detached && lease.server.permanentlyFailed, lease.lost)
+            }
+            let failure: TransportError? =
+                forgotten ? TransportError(.restarted, "\(lease.server.address) was removed from the pool")
+                : gone ? TransportError(.restarted, "\(lease.server.address) no longer holds this lease") : lease.shared {
                 do {
                     try lease.server.backend.read(lease: lease.remoteID, offset: UInt64(slot * pageSize), pages: n,
                                                   into: target, allowUnwritten: false)
@@ -488,15 +621,18 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 }
             }
             if let error = failure {
+                let code: StoreError.Code
                 if error.kind == .corrupt {
                     lease.server.errors.wrappingAdd(1, ordering: .relaxed)
                     logger.error("a far page failed its checksum", metadata: ["fp.server": "\(lease.server.address)", "fp.error": "\(error)"])
+                    code = .corrupt
+                } else if noteLeaseGone(lease, error) || forgotten || gone {
+                    code = .lost
                 } else {
                     noteFailure(lease.server, error)
+                    code = error.kind == .restarted || lease.server.permanentlyFailed ? .lost : .unavailable
                 }
-                for k in 0..<n {
-                    batch.errors[i + k] = StoreError(error.kind == .corrupt ? .corrupt : .unavailable, error.message)
-                }
+                for k in 0..<n { batch.errors[i + k] = StoreError(code, error.message) }
             } else if n > 1 {
                 for k in 0..<n { memcpy(batch.buffers[i + k], target + k * pageSize, pageSize) }
             }
@@ -519,7 +655,8 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 guard let l, case let index = Int(l.raw >> Self.slotBits), index < s.leases.count,
                     let lease = s.leases[index]
                 else { return false }
-                return lease.server.status == .healthy || lease.server.isLocal
+                // A lease asked back gets no rewrites either: the page moves now, not with the lease.
+                return (lease.server.status == .healthy || lease.server.isLocal) && !lease.reclaiming && !lease.lost
             }
         }
         for i in 0..<batch.count {
@@ -572,7 +709,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 }
             }
             if let failed {
-                noteFailure(lease.server, failed)
+                if !noteLeaseGone(lease, failed) { noteFailure(lease.server, failed) }
                 for i in run { batch.errors[i] = StoreError(.unavailable, failed.message) }
                 // Slots reserved for this batch go back; a page rewritten in place keeps its own.
                 release(run.filter { isFresh[$0] }.map { targets[$0]! })
@@ -583,11 +720,29 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         release((0..<batch.count).compactMap { batch.errors[$0] == nil ? stale[$0] : nil })
     }
 
+    /// Whether `error` says the server no longer holds `lease` (it freed it after a grace period
+    /// while we could not reach it). Marks the lease lost: its pages are poisoned when touched,
+    /// and none are placed or rewritten there again.
+    private func noteLeaseGone(_ lease: Lease, _ error: TransportError) -> Bool {
+        guard error.kind == .refused(code: MemErrorCode.noSuchLease.rawValue), !lease.server.isLocal else { return false }
+        let first = state.withLock { _ -> Bool in
+            defer { lease.lost = true }
+            return !lease.lost
+        }
+        if first {
+            lease.server.errors.wrappingAdd(1, ordering: .relaxed)
+            logger.error(
+                "memory server no longer holds one of our leases (it freed it while we were away longer than its lease_grace); its pages are lost and are poisoned when touched",
+                metadata: ["fp.server": "\(lease.server.address)", "fp.lease": "\(lease.remoteID)", "fp.pages": "\(lease.used)"])
+        }
+        return true
+    }
+
     /// Whether the far copy at `location` can be read now. A clean page whose copy is on a
     /// failed server must be written elsewhere before its local copy may be dropped.
     public func isReadable(_ location: PageLocation) -> Bool {
         guard let (lease, _) = lease(of: location) else { return false }
-        return state.withLock { _ in lease.server.status != .failed && !lease.server.permanentlyFailed }
+        return state.withLock { _ in lease.server.status != .failed && !lease.server.permanentlyFailed && !lease.lost }
     }
 
     public func release(_ locations: [PageLocation]) {

@@ -99,9 +99,12 @@ public struct PoolServer: Codable, Sendable {
     public var storedPages: Int
     public var errors: UInt64
     public var lastError: String
+    /// Leases the server asked back (donor pressure) that are still being moved elsewhere.
+    public var reclaimingLeases: Int?
     public init(address: String, status: String, transport: String, capacityBytes: UInt64, leaseBytes: UInt64, leases: Int,
-                storedPages: Int, errors: UInt64, lastError: String)
+                storedPages: Int, errors: UInt64, lastError: String, reclaimingLeases: Int? = nil)
     {
+        self.reclaimingLeases = reclaimingLeases
         self.address = address
         self.status = status
         self.transport = transport

@@ -129,9 +129,11 @@ public final class MemserverProcess: @unchecked Sendable {
     public let process = Process()
     public let log: String
     public private(set) var port = 0
+    /// The admin socket (`farpagectl memserver --socket`).
+    public var adminSocket: String { directory + "/admin.sock" }
 
     public init(capacity: String = "64MiB", leaseSize: String = "4MiB", grace: String = "30s", secret: String? = nil,
-                port listenPort: Int = 0) throws
+                port listenPort: Int = 0, headroom: String = "0") throws
     {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("fp-ms-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -148,6 +150,8 @@ public final class MemserverProcess: @unchecked Sendable {
             lease_grace = "\(grace)"
             handshake_timeout = "2s"
             threads = 2
+            headroom = "\(headroom)"
+            admin_socket = "\(directory)/admin.sock"
             [log]
             level = "info"
             """.write(toFile: directory + "/memserver.toml", atomically: true, encoding: .utf8)
@@ -169,6 +173,28 @@ public final class MemserverProcess: @unchecked Sendable {
     }
 
     public var logText: String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+
+    /// One request on the admin socket (what `farpagectl memserver` sends).
+    public func admin(_ request: MemserverAdmin.Request) throws -> MemserverAdmin.Reply {
+        try admin(raw: Array(JSONEncoder().encode(request)))
+    }
+
+    /// Raw bytes on the admin socket, for malformed-input tests.
+    public func admin(raw: [UInt8]) throws -> MemserverAdmin.Reply {
+        let socket = try SeqPacketSocket.connect(path: adminSocket)
+        socket.setReceiveTimeout(milliseconds: 5000)
+        try socket.send(raw)
+        guard let packet = try socket.receive(maxBytes: MemserverAdmin.maxReply, maxDescriptors: 0), !packet.bytes.isEmpty else {
+            throw TestSupportError("the admin socket closed without a reply")
+        }
+        return try JSONDecoder().decode(MemserverAdmin.Reply.self, from: Data(packet.bytes))
+    }
+
+    /// The server's status from its admin socket.
+    public func adminStatus() throws -> MemserverAdmin.Status {
+        guard let status = try admin(.init(op: .status)).status else { throw TestSupportError("no status") }
+        return status
+    }
 
     public var residentKiB: Int {
         let status = (try? String(contentsOfFile: "/proc/\(process.processIdentifier)/status", encoding: .utf8)) ?? ""

@@ -20,6 +20,9 @@ public struct StoreError: Error, CustomStringConvertible, Sendable, Equatable {
         public static let badLocation = Code(name: "bad_location")
         public static let unavailable = Code(name: "unavailable")
         public static let corrupt = Code(name: "corrupt")
+        /// Gone for good (the server restarted, was removed, or no longer holds the lease):
+        /// poison at once, retrying cannot help.
+        public static let lost = Code(name: "lost")
     }
     public let code: Code
     public let message: String

@@ -2,8 +2,9 @@
 ///
 /// TCP, little-endian frames: header { magic u32 'FPM1', version u16, type u16,
 /// request_id u64, body_length u32, reserved u32 } (24 bytes), then the body. Requests are
-/// pipelined: replies carry the request id and may come back in any order. Unsolicited
-/// server messages (RECLAIM) carry request id 0.
+/// pipelined: replies carry the request id and may come back in any order. A server under
+/// pressure says so in PONG (`reclaiming`); the agent then asks which leases with
+/// RECLAIM_QUERY and gets them in a RECLAIM reply.
 public enum MemWire {
     public static let magic: UInt32 = 0x314D_5046  // "FPM1"
     public static let version: UInt16 = 1
@@ -18,6 +19,8 @@ public enum MemWire {
     public static let macSize = 32
     public static let maxName = 64
     public static let maxErrorText = 1024
+    /// Most lease ids one LEASES or RECLAIM reply may carry.
+    public static let maxLeaseIDs = 65536
 }
 
 public enum MemMessageType: UInt16, Sendable {
@@ -28,6 +31,7 @@ public enum MemMessageType: UInt16, Sendable {
     case read = 5
     case write = 6
     case ping = 7
+    case reclaimQuery = 8
     case ok = 0x80
     case challenge = 0x81
     case authOK = 0x82
@@ -97,6 +101,8 @@ public enum MemRequest: Equatable, Sendable {
     /// `data` holds `pages` pages; `checksums` one XXH3-64 per page.
     case write(leaseID: UInt64, offset: UInt64, checksums: [UInt64], data: [UInt8])
     case ping
+    /// Which of my leases does the server want back?
+    case reclaimQuery
 }
 
 public enum MemReply: Equatable, Sendable {
@@ -215,6 +221,7 @@ extension MemWire {
             for c in checksums { w.u64(c) }
             w.bytes += data
         case .ping: type = .ping
+        case .reclaimQuery: type = .reclaimQuery
         }
         return frame(type, requestID: requestID, body: w.bytes)
     }
@@ -262,6 +269,9 @@ extension MemWire {
         case .ping:
             try exact(0, "PING")
             return .ping
+        case .reclaimQuery:
+            try exact(0, "RECLAIM_QUERY")
+            return .reclaimQuery
         default:
             throw MemWireError("message type \(type.rawValue) is not a request")
         }
@@ -326,7 +336,7 @@ extension MemWire {
         case .leases, .reclaim:
             try r.need(4, "LEASES")
             let n = Int(r.u32())
-            guard r.remaining == n * 8 else { throw MemWireError("malformed LEASES") }
+            guard n <= maxLeaseIDs, r.remaining == n * 8 else { throw MemWireError("malformed LEASES") }
             let ids = (0..<n).map { _ in r.u64() }
             return type == .leases ? .leases(ids) : .reclaim(leases: ids)
         case .data:

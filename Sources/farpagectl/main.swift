@@ -7,8 +7,8 @@ import Foundation
 struct FarpageCtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "farpagectl",
-        abstract: "Inspect a running farpaged agent.",
-        subcommands: [Status.self, Regions.self, Pool.self])
+        abstract: "Inspect and steer a farpaged agent or memory server.",
+        subcommands: [Status.self, Regions.self, Pool.self, MemserverCmd.self])
 }
 
 struct Connection: ParsableArguments {
@@ -93,6 +93,7 @@ struct PoolList: ParsableCommand {
             row([s.address, s.status, s.transport, bytes(s.capacityBytes), bytes(UInt64(s.leases) * s.leaseBytes),
                  "\(s.leases)", bytes(UInt64(s.storedPages) * 4096), "\(s.errors)"])
             if !s.lastError.isEmpty && s.status != "healthy" { print("    last error: \(s.lastError)") }
+            if let r = s.reclaimingLeases, r > 0 { print("    the server asked \(r) lease(s) back; moving their pages elsewhere") }
         }
     }
 }
@@ -217,5 +218,138 @@ struct Regions: ParsableCommand {
                 "\(r.counters["evictions"] ?? 0)",
             ])
         }
+    }
+}
+
+// MARK: - Memory server administration
+
+struct MemserverCmd: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "memserver",
+        abstract: "Administer a memory server on this host: its lending limit and free-memory headroom.",
+        subcommands: [MemserverStatus.self, MemserverReclaim.self, MemserverLimit.self, MemserverHeadroom.self],
+        defaultSubcommand: MemserverStatus.self)
+}
+
+struct AdminConnection: ParsableArguments {
+    @Option(name: .long, help: "The memory server's admin socket (default: /run/farpage-memserver/admin.sock).")
+    var socket = "/run/farpage-memserver/admin.sock"
+
+    @Flag(name: .long, help: "Print JSON instead of a table.")
+    var json = false
+
+    func send(_ request: MemserverAdmin.Request) throws -> MemserverAdmin.Status {
+        let s: SeqPacketSocket
+        do { s = try SeqPacketSocket.connect(path: socket) } catch {
+            FileHandle.standardError.write(
+                Data("farpagectl: cannot reach the memory server at \(socket): \(error). Is it running (systemctl status farpaged-memserver), with admin_socket set?\n".utf8))
+            throw ExitCode(69)
+        }
+        s.setReceiveTimeout(milliseconds: 10_000)
+        // A server that refuses us (permission, too many connections) replies and closes before
+        // reading: the send then fails, and its reason is still waiting to be read.
+        let sendError: (any Error)?
+        do {
+            try s.send(Array(try JSONEncoder().encode(request)))
+            sendError = nil
+        } catch { sendError = error }
+        guard let packet = try? s.receive(maxBytes: MemserverAdmin.maxReply, maxDescriptors: 0), !packet.bytes.isEmpty else {
+            if let sendError { throw sendError }
+            throw ValidationError("the memory server closed the connection")
+        }
+        let reply = try JSONDecoder().decode(MemserverAdmin.Reply.self, from: Data(packet.bytes))
+        guard reply.ok, let status = reply.status else {
+            FileHandle.standardError.write(Data("farpagectl: the memory server refused: \(reply.error ?? "no reason given")\n".utf8))
+            throw ExitCode(1)
+        }
+        return status
+    }
+
+    func show(_ s: MemserverAdmin.Status) throws {
+        if json {
+            let e = JSONEncoder()
+            e.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try e.encode(s), as: UTF8.self))
+            return
+        }
+        print("listen          \(s.listen)")
+        print("capacity        \(bytes(s.capacityBytes)) in leases of \(bytes(s.leaseBytes))")
+        var limit = "lending limit   \(bytes(s.limitBytes))"
+        if let o = s.operatorLimitBytes { limit += "  (operator limit \(bytes(o)))" }
+        if s.pressureLimitBytes < s.capacityBytes { limit += "  (memory pressure: \(bytes(s.pressureLimitBytes)))" }
+        print(limit)
+        print("lent            \(bytes(s.lentBytes)) in \(s.leases) lease(s); \(s.reclaimingLeases) asked back")
+        let avail = s.memAvailableBytes.map(bytes) ?? "unknown"
+        print("headroom        \(s.headroomBytes == 0 ? "off" : bytes(s.headroomBytes))  (MemAvailable \(avail))")
+        guard !s.agents.isEmpty else { return }
+        let widths = [18, 24, 10, 8, 11, 9]
+        func row(_ cells: [String]) {
+            print(zip(cells, widths).enumerated().map { i, cw in column(cw.0, cw.1, right: i >= 3) }.joined(separator: " "))
+        }
+        row(["AGENT", "NAME", "STATE", "LEASES", "ASKED BACK", "WAITING"])
+        for a in s.agents {
+            row([a.id, a.name, a.connected ? "connected" : "away", "\(a.leases)", "\(a.reclaiming)",
+                 a.reclaiming > 0 ? String(format: "%.0fs", a.oldestReclaimSeconds) : "-"])
+        }
+    }
+}
+
+func parseSizeArgument(_ text: String, _ what: String) throws -> UInt64 {
+    guard let n = parseSizeAllowingZero(text) else { throw ValidationError("\(what): '\(text)' is not a size (e.g. 4GiB, 512MiB)") }
+    return n
+}
+
+struct MemserverStatus: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "status", abstract: "Capacity, limits, lent memory and agents.")
+    @OptionGroup var admin: AdminConnection
+    func run() throws { try admin.show(try admin.send(.init(op: .status))) }
+}
+
+struct MemserverReclaim: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reclaim",
+        abstract: "Ask agents to give SIZE of lent memory back. They move their pages elsewhere first; the server waits for them.")
+    @OptionGroup var admin: AdminConnection
+    @Argument(help: "How much, e.g. 4GiB (rounded up to whole leases).") var size: String
+    @Flag(help: "Wait until the leases asked back have been returned.") var wait = false
+    @Option(help: "With --wait: give up after this many seconds (exit 1).") var timeout: Double = 600
+
+    func run() throws {
+        var s = try admin.send(.init(op: .reclaim, bytes: try parseSizeArgument(size, "SIZE")))
+        if wait {
+            let deadline = Date().addingTimeInterval(timeout)
+            while s.reclaimingLeases > 0 {
+                guard Date() < deadline else {
+                    FileHandle.standardError.write(Data("farpagectl: \(s.reclaimingLeases) lease(s) still not returned after \(Int(timeout))s; see `farpagectl memserver status` and the agents' logs\n".utf8))
+                    throw ExitCode(1)
+                }
+                Thread.sleep(forTimeInterval: 0.5)
+                s = try admin.send(.init(op: .status))
+            }
+        }
+        try admin.show(s)
+    }
+}
+
+struct MemserverLimit: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "limit", abstract: "Set the most this server lends (leases beyond it are asked back), or `none` to lift it.")
+    @OptionGroup var admin: AdminConnection
+    @Argument(help: "A size, e.g. 8GiB, or `none`.") var size: String
+    func run() throws {
+        let bytes = size.lowercased() == "none" ? nil : try parseSizeArgument(size, "SIZE")
+        try admin.show(try admin.send(.init(op: .limit, bytes: bytes)))
+    }
+}
+
+struct MemserverHeadroom: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "headroom",
+        abstract: "Set the free memory (MemAvailable) this host keeps for itself until restart; `0` turns it off, `config` restores the configured value.")
+    @OptionGroup var admin: AdminConnection
+    @Argument(help: "A size, e.g. 2GiB, 0, or `config`.") var size: String
+    func run() throws {
+        let bytes = size.lowercased() == "config" ? nil : try parseSizeArgument(size, "SIZE")
+        try admin.show(try admin.send(.init(op: .headroom, bytes: bytes)))
     }
 }

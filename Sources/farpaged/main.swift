@@ -85,6 +85,9 @@ struct MemserverCommand: AsyncParsableCommand {
     @Option(name: .long, help: "File holding the cluster secret (overrides memserver.secret_file).")
     var secretFile: String?
 
+    @Option(name: .long, help: "Local admin socket for farpagectl memserver; \"\" for none (overrides memserver.admin_socket).")
+    var adminSocket: String?
+
     @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String?
 
@@ -105,6 +108,13 @@ struct MemserverCommand: AsyncParsableCommand {
                 cfg.capacityBytes = n
             }
             if let secretFile { cfg.secretFile = secretFile }
+            if let adminSocket {
+                guard adminSocket.isEmpty || adminSocket.hasPrefix("/") else {
+                    throw MemserverConfigError(key: "--admin-socket", problem: "must be an absolute path or empty",
+                                               fix: "e.g. --admin-socket /run/farpage-memserver/admin.sock")
+                }
+                cfg.adminSocket = adminSocket
+            }
             try cfg.validate()
         } catch {
             FileHandle.standardError.write(Data("farpaged: \(error)\n".utf8))

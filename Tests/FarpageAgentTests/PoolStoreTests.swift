@@ -63,4 +63,89 @@ struct PoolStoreTests {
         #expect(e2 == nil)
         #expect(fresh != slot, "a slot still owned by a page was handed to another")
     }
+
+    func makeStore(ioTimeout: Int32 = 500) throws -> PoolStore {
+        PoolStore(spillBytes: 1 << 20, leaseBytes: 1 << 20, agentID: ClusterSecret.randomBytes(16), agentName: "pool-store-test",
+                  secret: try ClusterSecret(Array("test-cluster-secret-0123456789abcdef".utf8)), ioTimeoutMilliseconds: ioTimeout,
+                  logger: Logger(label: "test"))
+    }
+
+    /// A server frees our leases after its grace period while we cannot reach it (a partition
+    /// longer than lease_grace). When it answers again, those pages are reported lost (to be
+    /// poisoned at once), never read as zeros, and rewrites go to a new lease.
+    @Test func leasesFreedDuringAPartitionAreRecognisedAsLost() throws {
+        let server = try MemserverProcess(capacity: "8MiB", leaseSize: "1MiB", grace: "1s")
+        defer { server.stop() }
+        let store = try makeStore()
+        try store.attach(address: "127.0.0.1:\(server.port)")
+        let page = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { page.deallocate() }
+        memset(page, 0x5A, 4096)
+        let w = PageIOBatch(kind: .write)
+        w.append(buffer: page, location: nil)
+        store.submitAndWait(w)
+        #expect(w.errors[0] == nil)
+        let slot = try #require(w.locations[0])
+        #expect(try server.adminStatus().leases == 1)
+        // Partition: the server stops; our requests time out and we drop our connections.
+        kill(server.process.processIdentifier, SIGSTOP)
+        for _ in 0..<3 { store.heartbeat() }
+        #expect(store.report().first { $0.address == "127.0.0.1:\(server.port)" }?.status == .failed)
+        // The server comes back, sees us gone, and frees our lease after its grace period.
+        kill(server.process.processIdentifier, SIGCONT)
+        let deadline = Date().addingTimeInterval(15)
+        while Date() < deadline, (try server.adminStatus().leases) > 0 { usleep(100_000) }
+        #expect(try server.adminStatus().leases == 0)
+        store.heartbeat()  // it answers again: healthy
+        // Reading the page: lost, not zeros, not "try again".
+        let r = PageIOBatch(kind: .read)
+        let back = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { back.deallocate() }
+        r.append(buffer: back, location: slot)
+        store.submitAndWait(r)
+        #expect(r.errors[0]?.code == .lost, "\(String(describing: r.errors[0]))")
+        #expect(!store.isReadable(slot))
+        // A rewrite of the page lands in a new lease, not the lost one.
+        let again = PageIOBatch(kind: .write)
+        again.append(buffer: page, location: slot)
+        store.submitAndWait(again)
+        #expect(again.errors[0] == nil)
+        let moved = try #require(again.locations[0])
+        #expect(moved != slot)
+        let check = PageIOBatch(kind: .read)
+        check.append(buffer: back, location: moved)
+        store.submitAndWait(check)
+        #expect(check.errors[0] == nil && memcmp(back, page, 4096) == 0)
+    }
+
+    /// Leases that hold no page are given back after a few heartbeats.
+    @Test func emptyLeasesAreReturned() throws {
+        let server = try MemserverProcess(capacity: "8MiB", leaseSize: "1MiB")
+        defer { server.stop() }
+        let store = try makeStore()
+        try store.attach(address: "127.0.0.1:\(server.port)")
+        let buffers = (0..<300).map { _ in UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096) }
+        defer { buffers.forEach { $0.deallocate() } }
+        let w = PageIOBatch(kind: .write)
+        for (i, b) in buffers.enumerated() {
+            memset(b, Int32(i & 0xFF), 4096)
+            w.append(buffer: b, location: nil)
+        }
+        store.submitAndWait(w)
+        #expect(w.errors.allSatisfy { $0 == nil })
+        #expect(try server.adminStatus().leases == 2)  // 300 pages: two 256-page leases
+        // Pages of the second lease go away; the first still holds some.
+        store.release(w.locations.compactMap { $0 }.filter { $0.raw >> 24 == w.locations[299]!.raw >> 24 })
+        for _ in 0..<2 { store.heartbeat() }
+        #expect(try server.adminStatus().leases == 2, "returned before three empty heartbeats")
+        store.heartbeat()
+        #expect(try server.adminStatus().leases == 1)
+        // The pages of the kept lease still read back.
+        let r = PageIOBatch(kind: .read)
+        let back = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { back.deallocate() }
+        r.append(buffer: back, location: w.locations[0])
+        store.submitAndWait(r)
+        #expect(r.errors[0] == nil && memcmp(back, buffers[0], 4096) == 0)
+    }
 }
