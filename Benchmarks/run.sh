@@ -6,13 +6,20 @@
 #    (the unpinned run is bimodal; the pinned ones say which mode is which);
 # 2. starts BIN_DIR/farpaged agent on a private socket with a memory store;
 # 3. runs BIN_DIR/farpage-bench against it;
-# 4. stops the agent and prints a summary against the targets
-#    (store-fault latency <= 1.5x the same-CPU floor, agent bookkeeping <= 16 bytes/page).
+# 4. runs the pool benchmark: the same with two memory servers on loopback;
+# 5. measures a memory server's own memory beyond the pages it holds
+#    (Benchmarks/memserver-overhead/run.sh: 2 GiB stored, 4 GiB lent capacity);
+# 6. runs the peer, kernel swap: a 4 GiB buffer in a memory cgroup limited to 1 GiB, with a
+#    swap file and with zswap (Benchmarks/swap-peer/run.sh; rows it cannot run here, e.g.
+#    without root, are printed as skipped with the reason);
+# 7. prints a summary against the targets (store-fault latency <= 1.5x the floor of the
+#    same placement, agent bookkeeping <= 16 bytes/page, pool sweep >= 1.5 GB/s, memory
+#    server overhead < 1% of what it lends).
 #
 # All JSON lines go to bench-results/latest.jsonl (relative to the current directory,
 # the repository root under make). Needs userfaultfd access (root or /dev/userfaultfd).
 # Exits non-zero when a step fails or a page read back wrong; missed targets are
-# reported, not fatal.
+# reported, not fatal; so is a kernel-swap row that cannot run.
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -35,6 +42,7 @@ mkdir -p "$results_dir"
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/farpage-bench.XXXXXX")
 agent_pid=
+pool_pids=()
 
 stop_agent() {
     [[ -n $agent_pid ]] || return 0
@@ -54,6 +62,9 @@ stop_agent() {
 
 cleanup() {
     stop_agent
+    local pid
+    for pid in "${pool_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pool_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
     rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -140,13 +151,12 @@ echo "== TCP loopback floor"
 if [[ $(nproc) -ge 2 ]]; then "$bin/tcp_floor" --cpu 0,1 | tee -a "$results"; fi
 head -c 32 /dev/urandom | base64 >"$tmp/cluster.secret"
 chmod 600 "$tmp/cluster.secret"
-pool_pids=()
 pool_servers=()
 for i in 1 2; do
     taskset -c "$((($(nproc) > 1) ? 1 : 0))" "$bin/farpaged" memserver --listen 127.0.0.1:0 --capacity 4GiB \
         --secret-file "$tmp/cluster.secret" --log-level info 2>"$tmp/memserver$i.log" &
     pool_pids+=($!)
-    for _ in $(seq 100); do grep -q "fp.listen=127.0.0.1:" "$tmp/memserver$i.log" && break; sleep 0.1; done
+    for _ in $(seq 100); do grep -qs "fp.listen=127.0.0.1:" "$tmp/memserver$i.log" && break; sleep 0.1; done
     pool_servers+=("\"127.0.0.1:$(sed -n 's/.*fp.listen=127.0.0.1:\([0-9]*\).*/\1/p' "$tmp/memserver$i.log" | head -1)\"")
 done
 cat >>"$tmp/agent.toml" <<EOF
@@ -165,7 +175,22 @@ for pid in "${pool_pids[@]}"; do
     kill -TERM "$pid" 2>/dev/null || true
 done
 for pid in "${pool_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+pool_pids=()
 printf '{"name":"memserver_memory","rss_kib_total":%s}\n' "$ms_rss_kib" | tee -a "$results"
+
+# --- 3c. a memory server's own cost ---------------------------------------------------
+# One server lending 4 GiB, 2 GiB of pages written into it through an agent; its memory
+# beyond the pages (and their checksums) is the overhead.
+echo "== memory server overhead: 2 GiB stored, 4 GiB capacity"
+"$here/memserver-overhead/run.sh" "$bin" 2GiB 4GiB | tee -a "$results" || bench_rc=$?
+
+# --- 3d. the peer: kernel swap under the same memory limit ----------------------------
+# What a user gets without Farpage: the buffer in a memory cgroup limited to the resident
+# budget, the rest swapped (to a swap file on the repository's disk, then with zswap).
+${CC:-gcc} -O2 -Wall -Wextra -o "$bin/swap_peer" "$here/swap-peer/swap_peer.c"
+echo "== kernel swap peer: 4 GiB buffer, memory cgroup limited to 1 GiB"
+SWAP_PEER=$bin/swap_peer "$here/swap-peer/run.sh" 4GiB 1GiB | tee -a "$results" ||
+    echo "run.sh: the swap peer failed (exit $?); its rows are missing" >&2
 
 # --- 4. summary ---------------------------------------------------------------
 # field NAME KEY: the number KEY of the JSON line whose name is NAME, or empty.
@@ -213,6 +238,24 @@ pool_p99=$(field store_fault_pool p99_us)
 pool_sweep=$(field sweep_pool gbps)
 pool_peer=$([[ -n $cross_p50 && -n $tcp_same ]] && calc "printf \"%.2f\", $cross_p50 + $tcp_same" || echo "")
 pool_ratio=$(ratio "$pool_p50" "$pool_peer")
+ms_idle=$(field memserver_idle rss_bytes)
+ms_overhead=$(field memserver_overhead overhead_bytes)
+ms_overhead_sums=$(field memserver_overhead overhead_incl_checksums_bytes)
+ms_stored=$(field memserver_overhead stored_bytes)
+ms_lent=$(field memserver_overhead lent_bytes)
+ms_pct=$(field memserver_overhead overhead_pct_of_lent)
+mib() { [[ -n $1 ]] && calc "printf \"%.1f\", $1 / 1048576" || echo "n/a"; }
+# swap_skip MODE: why the kernel-swap row MODE was skipped, or empty.
+swap_skip() {
+    { grep -F "\"name\":\"swap_peer_$1\"" "$results" || true; } | tail -n 1 |
+        sed -n 's/.*"skipped":"\([^"]*\)".*/\1/p'
+}
+swap_sweep=$(field swap_peer_swapfile sweep_gbps)
+zswap_sweep=$(field swap_peer_zswap sweep_gbps)
+swap_p50=$(field swap_peer_swapfile rand_p50_us)
+swap_p99=$(field swap_peer_swapfile rand_p99_us)
+zswap_p50=$(field swap_peer_zswap rand_p50_us)
+zswap_p99=$(field swap_peer_zswap rand_p99_us)
 bpp_sparse=$(field bookkeeping_cross_cpu bytes_per_page_sparse)
 bpp_touched=$(field bookkeeping_cross_cpu bytes_per_page_touched)
 [[ -n $bpp_sparse ]] || bpp_sparse=$(field bookkeeping_same_cpu bytes_per_page_sparse)
@@ -245,8 +288,23 @@ row "pool sweep read GB/s (target >= 1.5)" "$(show "$pool_sweep")" ""
 row "TCP bulk one stream GB/s" "$(show "$tcp_bulk")" ""
 row "agent bytes/page, sparse (target <= 16)" "$(show "$bpp_sparse")" "$(verdict "$bpp_sparse" 16)"
 row "agent bytes/page, touched (target <= 16)" "$(show "$bpp_touched")" "$(verdict "$bpp_touched" 16)"
+echo
+row "memory server RSS, idle, MiB" "$(mib "$ms_idle")" ""
+row "memory server, $(mib "$ms_stored") MiB stored in $(mib "$ms_lent") MiB lent:" "" ""
+row "  overhead MiB, without / with checksums" "$(mib "$ms_overhead")" "$(mib "$ms_overhead_sums")"
+row "  overhead % of lent (target < 1)" "$(show "$ms_pct")" "$(verdict "$ms_pct" 1)"
+echo
+row "kernel swap, 4 GiB in a 1 GiB cgroup" "swapfile" "zswap"
+row "  sweep read GB/s" "$(show "$swap_sweep")" "$(show "$zswap_sweep")"
+row "  random 4 KiB read p50 us" "$(show "$swap_p50")" "$(show "$zswap_p50")"
+row "  random 4 KiB read p99 us" "$(show "$swap_p99")" "$(show "$zswap_p99")"
+row "  pool sweep / kernel swap sweep" "$(ratio "$pool_sweep" "$swap_sweep")" "$(ratio "$pool_sweep" "$zswap_sweep")"
+for mode in swapfile zswap; do
+    reason=$(swap_skip "$mode")
+    [[ -z $reason ]] || echo "  kernel swap, $mode: skipped: $reason"
+done
 
 if [[ $bench_rc -ne 0 ]]; then
-    echo "run.sh: farpage-bench failed (exit $bench_rc); see the messages above" >&2
+    echo "run.sh: a benchmark failed (exit $bench_rc); see the messages above" >&2
     exit "$bench_rc"
 fi
