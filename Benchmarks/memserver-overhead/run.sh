@@ -177,9 +177,13 @@ lent=$((leases * lease_bytes))
 stored=$((stored_pages * 4096))
 sums=$((stored_pages * 8))
 overhead=$((rss + pte - stored - sums))
+# The same without the executable's file-backed pages (shared, clean page cache the kernel can
+# drop under pressure): what lending costs the host in memory it cannot get back.
+overhead_anon=$((anon + pte - stored - sums))
 beyond_idle=$((overhead - idle_rss - idle_pte))
 pct() { awk "BEGIN { printf \"%.3f\", 100 * $1 / $2 }"; }
-printf '{"name":"memserver_overhead","capacity_bytes":%s,"lease_bytes":%s,"leases":%s,"lent_bytes":%s,"stored_pages":%s,"stored_bytes":%s,"checksum_bytes":%s,"rss_bytes":%s,"pte_bytes":%s,"anon_bytes":%s,"file_bytes":%s,"smaps_rss_bytes":%s,"smaps_pss_bytes":%s,"smaps_anon_bytes":%s,"idle_rss_bytes":%s,"idle_pte_bytes":%s,"overhead_bytes":%s,"overhead_incl_checksums_bytes":%s,"overhead_pct_of_lent":%s,"overhead_pct_of_capacity":%s,"overhead_beyond_idle_bytes":%s,"overhead_beyond_idle_pct_of_lent":%s}\n' \
+printf '{"name":"memserver_overhead","capacity_bytes":%s,"lease_bytes":%s,"leases":%s,"lent_bytes":%s,"stored_pages":%s,"stored_bytes":%s,"checksum_bytes":%s,"rss_bytes":%s,"pte_bytes":%s,"anon_bytes":%s,"file_bytes":%s,"smaps_rss_bytes":%s,"smaps_pss_bytes":%s,"smaps_anon_bytes":%s,"idle_rss_bytes":%s,"idle_pte_bytes":%s,"overhead_bytes":%s,"overhead_incl_checksums_bytes":%s,"overhead_pct_of_lent":%s,"overhead_pct_of_capacity":%s,"overhead_beyond_idle_bytes":%s,"overhead_beyond_idle_pct_of_lent":%s,"overhead_anon_bytes":%s,"overhead_anon_pct_of_lent":%s}\n' \
     "$capacity_bytes" "$lease_bytes" "$leases" "$lent" "$stored_pages" "$stored" "$sums" "$rss" "$pte" "$anon" "$file" \
     "$srss" "$spss" "$sanon" "$idle_rss" "$idle_pte" "$overhead" "$((overhead + sums))" \
-    "$(pct "$overhead" "$lent")" "$(pct "$overhead" "$capacity_bytes")" "$beyond_idle" "$(pct "$beyond_idle" "$lent")"
+    "$(pct "$overhead" "$lent")" "$(pct "$overhead" "$capacity_bytes")" "$beyond_idle" "$(pct "$beyond_idle" "$lent")" \
+    "$overhead_anon" "$(pct "$overhead_anon" "$lent")"

@@ -469,6 +469,31 @@ int fp_send_all(int fd, const void *buf, size_t len) {
     return 0;
 }
 
+int fp_send_two(int fd, const void *a, size_t alen, const void *b, size_t blen) {
+    struct iovec iov[2] = {{(void *)a, alen}, {(void *)b, blen}};
+    struct msghdr msg = {0};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 2;
+    while (iov[0].iov_len + iov[1].iov_len > 0) {
+        ssize_t n = sendmsg(fd, &msg, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        for (int i = 0; i < 2 && n > 0; i++) {
+            size_t take = (size_t)n < iov[i].iov_len ? (size_t)n : iov[i].iov_len;
+            iov[i].iov_base = (char *)iov[i].iov_base + take;
+            iov[i].iov_len -= take;
+            n -= (ssize_t)take;
+        }
+        if (iov[0].iov_len == 0) {
+            msg.msg_iov = &iov[1];
+            msg.msg_iovlen = 1;
+        }
+    }
+    return 0;
+}
+
 int fp_recv_all(int fd, void *buf, size_t len) {
     char *p = buf;
     while (len > 0) {

@@ -25,6 +25,12 @@ public final class TCPStream: @unchecked Sendable {
         _ = try check(fp_send_all(descriptor.rawValue, pointer, count), "send")
     }
 
+    /// `head`, then `count` bytes at `payload`, with one gather write (no copy of the payload).
+    public func send(_ head: [UInt8], then payload: UnsafeRawPointer, count: Int) throws(KernelError) {
+        let r = head.withUnsafeBytes { fp_send_two(descriptor.rawValue, $0.baseAddress, $0.count, payload, count) }
+        _ = try check(r, "send")
+    }
+
     /// Exactly `count` bytes; ECONNRESET when the peer closed first.
     public func receive(exactly count: Int) throws(KernelError) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: count)

@@ -162,15 +162,20 @@ public final class LeaseTable: @unchecked Sendable {
 
     /// Copies pages out with their stored checksums.
     public func read(owner: AgentID, leaseID: UInt64, offset: UInt64, pages: Int) throws(LeaseError) -> ([UInt64], [UInt8]) {
-        try shared { () throws(LeaseError) -> ([UInt64], [UInt8]) in
+        try read(owner: owner, leaseID: leaseID, offset: offset, pages: pages) { sums, data in
+            (Array(sums), Array(UnsafeRawBufferPointer(start: data, count: pages * pageSize)))
+        }
+    }
+
+    /// Hands `body` the stored checksums and the pages in place, under the shared lock (the
+    /// slab cannot be zeroed or lent again meanwhile): the reply is built with one copy.
+    public func read<T>(owner: AgentID, leaseID: UInt64, offset: UInt64, pages: Int,
+                        _ body: (UnsafeBufferPointer<UInt64>, UnsafeRawPointer) -> T) throws(LeaseError) -> T
+    {
+        try shared { () throws(LeaseError) -> T in
             let base = try locate(owner, leaseID, offset, pages)
             let first = Int(offset) / pageSize
-            let sums = Array(UnsafeBufferPointer(start: checksums(base) + first, count: pages))
-            let data = [UInt8](unsafeUninitializedCapacity: pages * pageSize) { buffer, count in
-                memcpy(buffer.baseAddress!, base + Int(offset), pages * pageSize)
-                count = pages * pageSize
-            }
-            return (sums, data)
+            return body(UnsafeBufferPointer(start: checksums(base) + first, count: pages), UnsafeRawPointer(base + Int(offset)))
         }
     }
 
@@ -178,16 +183,29 @@ public final class LeaseTable: @unchecked Sendable {
     public func write(owner: AgentID, leaseID: UInt64, offset: UInt64, checksums sums: [UInt64], data: [UInt8])
         throws(LeaseError)
     {
+        var failure: LeaseError?
+        data.withUnsafeBytes { raw in
+            do throws(LeaseError) { try write(owner: owner, leaseID: leaseID, offset: offset, checksums: sums, data: raw.baseAddress!) } catch {
+                failure = error
+            }
+        }
+        if let failure { throw failure }
+    }
+
+    /// As above, from `sums.count` pages at `data` (straight from the receive buffer).
+    public func write(owner: AgentID, leaseID: UInt64, offset: UInt64, checksums sums: [UInt64], data: UnsafeRawPointer)
+        throws(LeaseError)
+    {
         let pages = sums.count
         var computed = [UInt64](repeating: 0, count: pages)
-        data.withUnsafeBytes { fp_checksum_pages($0.baseAddress, pageSize, pages, &computed) }
+        fp_checksum_pages(data, pageSize, pages, &computed)
         for i in 0..<pages where computed[i] != sums[i] {
             throw LeaseError(code: .corrupt, message: "page \(i) of the write does not match its checksum; nothing was stored")
         }
         try shared { () throws(LeaseError) in
             let base = try locate(owner, leaseID, offset, pages)
             let first = Int(offset) / pageSize
-            data.withUnsafeBytes { _ = memcpy(base + Int(offset), $0.baseAddress!, pages * pageSize) }
+            memcpy(base + Int(offset), data, pages * pageSize)
             for i in 0..<pages { checksums(base)[first + i] = sums[i] }
         }
     }

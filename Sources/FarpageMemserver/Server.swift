@@ -14,7 +14,8 @@ import Glibc
 /// Splits the TCP stream into frames. The header is validated before the body is buffered,
 /// so a peer that claims a huge length is cut off without costing memory.
 final class MemFrameDecoder: ByteToMessageDecoder {
-    typealias InboundOut = (MemHeader, [UInt8])
+    /// The body is a slice of the receive buffer: page data is not copied before it is stored.
+    typealias InboundOut = (MemHeader, ByteBuffer)
     private var header: MemHeader?
 
     func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
@@ -24,7 +25,7 @@ final class MemFrameDecoder: ByteToMessageDecoder {
             else { return .needMoreData }
             header = try MemWire.decodeHeader(bytes)
         }
-        guard let h = header, buffer.readableBytes >= h.bodyLength, let body = buffer.readBytes(length: h.bodyLength)
+        guard let h = header, buffer.readableBytes >= h.bodyLength, let body = buffer.readSlice(length: h.bodyLength)
         else { return .needMoreData }
         header = nil
         context.fireChannelRead(wrapInboundOut((h, body)))
@@ -90,7 +91,7 @@ final class AgentSessions: @unchecked Sendable {
 
 /// One agent connection: handshake, then lease and page requests.
 final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
-    typealias InboundIn = (MemHeader, [UInt8])
+    typealias InboundIn = (MemHeader, ByteBuffer)
     typealias OutboundOut = ByteBuffer
 
     enum State {
@@ -105,7 +106,7 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
     var logger: Logger
     /// Requests read while the peer was not taking its replies: served once it drains them.
     /// Reading stops meanwhile, so this holds at most what one socket read delivered.
-    var deferred: [(MemHeader, [UInt8])] = []
+    var deferred: [(MemHeader, ByteBuffer)] = []
     /// Closes a connection that has not authenticated in time; cancelled once it has.
     var handshakeTimer: Scheduled<Void>?
     /// The agent this connection is registered for in `AgentSessions` (whatever the state
@@ -176,10 +177,15 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
         handle(context, header: header, body: body)
     }
 
-    private func handle(_ context: ChannelHandlerContext, header: MemHeader, body: [UInt8]) {
+    private func handle(_ context: ChannelHandlerContext, header: MemHeader, body: ByteBuffer) {
         if case .closing = state { return }
+        // Page traffic is served from the receive buffer and into the reply buffer directly.
+        if case .ready(let agent) = state {
+            if header.type == .write { return serveWrite(context, agent: agent, header: header, body: body) }
+            if header.type == .read { return serveRead(context, agent: agent, header: header, body: body) }
+        }
         let request: MemRequest
-        do { request = try MemWire.decodeRequest(header.type, body: body) } catch {
+        do { request = try MemWire.decodeRequest(header.type, body: Array(body.readableBytesView)) } catch {
             fail(context, .malformed, error.message, requestID: header.requestID)
             return
         }
@@ -265,6 +271,58 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
             reply = .error(code: MemErrorCode.malformed.rawValue, message: "already authenticated")
         }
         send(context, reply, requestID: requestID)
+    }
+
+    /// WRITE: validated as `MemWire.decodeRequest` does, then checksummed and copied into the
+    /// lease straight from the receive buffer.
+    private func serveWrite(_ context: ChannelHandlerContext, agent: AgentID, header: MemHeader, body: ByteBuffer) {
+        let problem: String? = body.withUnsafeReadableBytes { raw -> String? in
+            guard raw.count >= 20 else { return "WRITE: body too short" }
+            let id = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
+            let offset = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+            let pages = Int(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 16, as: UInt32.self)))
+            guard pages >= 1, pages <= MemWire.maxPagesPerIO else { return "WRITE of \(pages) pages (1...\(MemWire.maxPagesPerIO))" }
+            guard raw.count - 20 == pages * (8 + MemWire.pageSize) else {
+                return "WRITE of \(pages) pages needs \(pages * (8 + MemWire.pageSize)) bytes after its header, got \(raw.count - 20)"
+            }
+            let sums = (0..<pages).map { UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 20 + 8 * $0, as: UInt64.self)) }
+            let reply: MemReply
+            do throws(LeaseError) {
+                try server.leases.write(owner: agent, leaseID: id, offset: offset, checksums: sums, data: raw.baseAddress! + 20 + 8 * pages)
+                reply = .ok
+            } catch {
+                if error.code == .corrupt { logger.warning("refused a corrupt write", metadata: ["fp.lease": "\(id)"]) }
+                reply = .error(code: error.code.rawValue, message: error.message)
+            }
+            send(context, reply, requestID: header.requestID)
+            return nil
+        }
+        if let problem { fail(context, .malformed, problem, requestID: header.requestID) }
+    }
+
+    /// READ: the reply is built in one buffer, the pages copied once, from the lease.
+    private func serveRead(_ context: ChannelHandlerContext, agent: AgentID, header: MemHeader, body: ByteBuffer) {
+        guard body.readableBytes == 20,
+            let id = body.getInteger(at: body.readerIndex, endianness: .little, as: UInt64.self),
+            let offset = body.getInteger(at: body.readerIndex + 8, endianness: .little, as: UInt64.self),
+            let count = body.getInteger(at: body.readerIndex + 16, endianness: .little, as: UInt32.self)
+        else { return fail(context, .malformed, "READ body must be 20 bytes, got \(body.readableBytes)", requestID: header.requestID) }
+        let pages = Int(count)
+        guard pages >= 1, pages <= MemWire.maxPagesPerIO else {
+            return fail(context, .malformed, "READ of \(pages) pages (1...\(MemWire.maxPagesPerIO))", requestID: header.requestID)
+        }
+        do {
+            let buffer = try server.leases.read(owner: agent, leaseID: id, offset: offset, pages: pages) { sums, data -> ByteBuffer in
+                let prefix = MemWire.dataPrefix(requestID: header.requestID, checksums: sums)
+                var b = context.channel.allocator.buffer(capacity: prefix.count + pages * MemWire.pageSize)
+                b.writeBytes(prefix)
+                b.writeBytes(UnsafeRawBufferPointer(start: data, count: pages * MemWire.pageSize))
+                return b
+            }
+            context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+        } catch {
+            send(context, .error(code: error.code.rawValue, message: error.message), requestID: header.requestID)
+        }
     }
 
     private func fail(_ context: ChannelHandlerContext, _ code: MemErrorCode, _ message: String, requestID: UInt64) {

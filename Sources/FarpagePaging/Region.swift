@@ -34,7 +34,7 @@ public struct PagingPolicy: Sendable {
     /// Pages fetched ahead of a fault when a sequential stream starts (or is advised).
     public var sequentialWindow: Int = 16
     /// The most pages fetched ahead at once; the window doubles while a stream keeps using it.
-    public var maxPrefetchWindow: Int = 128
+    public var maxPrefetchWindow: Int = 256
     public init() {}
 }
 
@@ -200,11 +200,19 @@ extension Region {
         // Direct reclaim: never install past the region's budget.
         if residentPages >= budgetPages { _ = evict(maxPages: policy.evictBatch, staging: evictStaging) }
         let action = core.withLock { c in PageTransitions.missingFault(&c.table[page]) }
+        if case .drop = action { return residentPages > highPages || agentBudget.residentPages > agentBudget.highPages }
+        let window = streamWindow(after: page)
         switch action {
         case .zeroFill:
             counters.zeroFills.bump()
             install(page: page, from: zeroPage, writable: write)
         case .fetch(let location):
+            if window > 0 {
+                // In a stream, the faulting page heads the fetch-ahead batch: it comes back
+                // with the first chunk, and the rest streams in behind it.
+                prefetch(from: page, demand: location, window: window, writable: write, staging: staging)
+                return residentPages > highPages || agentBudget.residentPages > agentBudget.highPages
+            }
             fetchAndInstall(page: page, location: location, writable: write, staging: staging)
         case .poison:
             do { try uffd.poison(address: pageAddress, length: UInt64(spec.pageSize)) } catch {
@@ -213,13 +221,9 @@ extension Region {
         case .wake: uffd.wake(address: pageAddress, length: UInt64(spec.pageSize))
         case .drop, .unprotect: break
         }
-        if case .drop = action {
-        } else {
-            let window = streamWindow(after: page)
-            // A stream of writes gets its pages writable (dirty): installed write-protected,
-            // each would take a second fault on its first write.
-            if window > 0 { prefetch(after: page, window: window, writable: write, staging: staging) }
-        }
+        // A stream of writes gets its pages writable (dirty): installed write-protected,
+        // each would take a second fault on its first write.
+        if window > 0 { prefetch(from: page, demand: nil, window: window, writable: write, staging: staging) }
         return residentPages > highPages || agentBudget.residentPages > agentBudget.highPages
     }
 
@@ -304,59 +308,93 @@ extension Region {
         }
     }
 
+    /// Pages a fetch-ahead batch asks the store for per read (after a smaller first one).
+    static let fetchChunkPages = 64
+
     /// Fetches the pages after `page` in one store batch and installs them, clean and
-    /// write-protected, one `UFFDIO_COPY` per run of consecutive pages. Never goes past the
-    /// region's budget (prefetch must not push the working set out).
-    private func prefetch(after page: Int, window requested: Int, writable: Bool, staging: StagingBuffer) {
+    /// write-protected, one `UFFDIO_COPY` per run of consecutive pages, as each chunk arrives.
+    /// With `demand`, `page` itself (already claimed by its fault) heads the batch and is
+    /// installed first. Never goes past the region's budget (prefetch must not push the
+    /// working set out).
+    private func prefetch(from page: Int, demand: PageLocation?, window requested: Int, writable: Bool, staging: StagingBuffer) {
         let room = budgetPages - 1 - residentPages
-        let window = min(requested, staging.pages, pageCount - page - 1, room)
-        guard window > 0 else { return }
+        let window = max(0, min(requested, staging.pages - 1, pageCount - page - 1, room))
         // Claim every far or untouched page of the window at once.
         var claimed: [(page: Int, location: PageLocation?)] = []
-        core.withLock { c in
-            for next in (page + 1)...(page + window) {
-                let state = c.table[next].state
-                guard state == .far || state == .untouched else { continue }
-                switch PageTransitions.missingFault(&c.table[next]) {
-                case .zeroFill: claimed.append((next, nil))
-                case .fetch(let l): claimed.append((next, l))
-                default: break
+        if let demand { claimed.append((page, demand)) }
+        if window > 0 {
+            core.withLock { c in
+                for next in (page + 1)...(page + window) {
+                    let state = c.table[next].state
+                    guard state == .far || state == .untouched else { continue }
+                    switch PageTransitions.missingFault(&c.table[next]) {
+                    case .zeroFill: claimed.append((next, nil))
+                    case .fetch(let l): claimed.append((next, l))
+                    default: break
+                    }
                 }
             }
         }
         guard !claimed.isEmpty else { return }
         // Page i of the claim goes to staging page i; zero pages are filled here.
         let batch = PageIOBatch(kind: .read, capacity: claimed.count)
+        var inBatch = [Int](repeating: -1, count: claimed.count)
         for (i, c) in claimed.enumerated() {
             if let l = c.location {
+                inBatch[i] = batch.count
                 batch.append(buffer: staging.page(i), location: l)
             } else {
                 memset(staging.page(i), 0, spec.pageSize)
             }
         }
-        if batch.count > 0 { store.submitAndWait(batch) }
-        var failed = Set<Int>()
-        var b = 0
-        for (i, c) in claimed.enumerated() where c.location != nil {
-            if batch.errors[b] != nil { failed.insert(i) }
-            b += 1
-        }
-        if !failed.isEmpty {
-            // Leave those pages far: the demand fault will retry them (and poison if they are lost).
-            core.withLock { c in for i in failed { PageTransitions.installAbandoned(&c.table[claimed[i].page]) } }
-        }
-        counters.fetches.bump(UInt64(batch.count - failed.count))
-        // Install runs of consecutive pages whose staging pages are consecutive too.
-        var i = 0
-        while i < claimed.count {
-            if failed.contains(i) {
-                i += 1
-                continue
+        var done = 0  // claimed pages handled so far
+        var demandFailed = false
+        var fetched = 0
+        // Installs claimed pages [done, upTo): runs of consecutive pages in one UFFDIO_COPY;
+        // pages whose read failed go back to far (the demand fault retries, and poisons if lost).
+        func installClaimed(upTo end: Int) {
+            var failed: [Int] = []
+            var i = done
+            while i < end {
+                let ok = inBatch[i] < 0 || batch.errors[inBatch[i]] == nil
+                if inBatch[i] >= 0 && ok { fetched += 1 }
+                if !ok {
+                    if demand != nil && i == 0 { demandFailed = true } else { failed.append(i) }
+                    i += 1
+                    continue
+                }
+                if demand != nil && i == 0 {
+                    counters.fetches.bump()
+                    install(page: page, from: staging.page(0), writable: writable)
+                    i += 1
+                    continue
+                }
+                var j = i + 1
+                while j < end, claimed[j].page == claimed[j - 1].page + 1, inBatch[j] < 0 || batch.errors[inBatch[j]] == nil {
+                    if inBatch[j] >= 0 { fetched += 1 }
+                    j += 1
+                }
+                installRun(claimed[i].page, count: j - i, from: staging.page(i), writable: writable)
+                i = j
             }
-            var j = i + 1
-            while j < claimed.count, !failed.contains(j), claimed[j].page == claimed[j - 1].page + 1 { j += 1 }
-            installRun(claimed[i].page, count: j - i, from: staging.page(i), writable: writable)
-            i = j
+            if !failed.isEmpty {
+                core.withLock { c in for k in failed { PageTransitions.installAbandoned(&c.table[claimed[k].page]) } }
+            }
+            done = end
+        }
+        if batch.count > 0 {
+            store.read(batch, chunkPages: Self.fetchChunkPages) { completeInBatch in
+                // Claimed pages up to the first one still in flight.
+                var end = done
+                while end < claimed.count, inBatch[end] < completeInBatch { end += 1 }
+                if end > done { installClaimed(upTo: end) }
+            }
+        }
+        installClaimed(upTo: claimed.count)
+        counters.fetches.bump(UInt64(max(0, fetched - (demand != nil && !demandFailed ? 1 : 0))))
+        if demandFailed, let demand {
+            // The demand page alone, with its retries (and poison when it is lost).
+            fetchAndInstall(page: page, location: demand, writable: writable, staging: staging)
         }
     }
 

@@ -119,28 +119,39 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
     func read(lease id: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer, allowUnwritten: Bool)
         throws(TransportError)
     {
-        let reply = try withConnection { c throws(TransportError) in try c.call(.read(leaseID: id, offset: offset, pages: pages)) }
-        guard case .data(let sums, let data) = reply, sums.count == pages, data.count == pages * MemWire.pageSize else {
-            throw TransportError(.protocolViolation, "\(name) answered READ with the wrong amount of data")
-        }
+        let sums = try withConnection { c throws(TransportError) in try c.readPages(leaseID: id, offset: offset, pages: pages, into: into) }
         var computed = [UInt64](repeating: 0, count: pages)
-        data.withUnsafeBytes { buffer in
-            fp_checksum_pages(buffer.baseAddress, MemWire.pageSize, pages, &computed)
-            memcpy(into, buffer.baseAddress!, pages * MemWire.pageSize)
-        }
+        fp_checksum_pages(into, MemWire.pageSize, pages, &computed)
         for i in 0..<pages where computed[i] != sums[i] {
             if allowUnwritten && sums[i] == 0 && isZero(into + i * MemWire.pageSize) { continue }
             throw TransportError(.corrupt, "\(name): page \(i) of lease \(id) at offset \(offset) does not match its checksum")
         }
     }
 
+    /// Reads several runs of one lease with one round trip's wait: `each(j, error)` runs as
+    /// soon as run `j` is in place and verified. Throws when the connection broke; runs not
+    /// reported by then did not complete.
+    func readPipelined(lease id: UInt64, runs: [MemserverClient.ReadRun], each: (Int, TransportError?) -> Void)
+        throws(TransportError)
+    {
+        try withConnection { c throws(TransportError) in
+            try c.readPipelined(leaseID: id, runs: runs) { j, sums, error in
+                if let error { return each(j, error) }
+                let run = runs[j]
+                var computed = [UInt64](repeating: 0, count: run.pages)
+                fp_checksum_pages(run.into, MemWire.pageSize, run.pages, &computed)
+                if let bad = (0..<run.pages).first(where: { computed[$0] != sums[$0] }) {
+                    return each(j, TransportError(.corrupt, "\(name): page \(bad) of lease \(id) at offset \(Int(run.offset) + bad * MemWire.pageSize) does not match its checksum"))
+                }
+                each(j, nil)
+            }
+        }
+    }
+
     func write(lease id: UInt64, offset: UInt64, pages: Int, from: UnsafeRawPointer) throws(TransportError) {
         var sums = [UInt64](repeating: 0, count: pages)
         fp_checksum_pages(from, MemWire.pageSize, pages, &sums)
-        let data = Array(UnsafeRawBufferPointer(start: from, count: pages * MemWire.pageSize))
-        _ = try withConnection { c throws(TransportError) in
-            try c.call(.write(leaseID: id, offset: offset, checksums: sums, data: data))
-        }
+        try withConnection { c throws(TransportError) in try c.writePages(leaseID: id, offset: offset, checksums: sums, from: from) }
     }
 }
 

@@ -578,65 +578,160 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         completion(batch)
     }
 
-    private func read(_ batch: PageIOBatch) {
-        // Runs of consecutive slots in one lease are read with one READ (fetch-ahead batches).
-        var scratch: UnsafeMutableRawPointer? = nil
-        defer { scratch?.deallocate() }
+    /// A run of pages consecutive in one lease (and in the batch): one READ.
+    struct ReadRun {
+        let first: Int  // index in the batch
+        let count: Int
+        let lease: Lease?  // nil: the location names no lease (the run's error is set)
+        let slot: Int
+    }
+
+    /// Splits a read batch into runs of at most `maxPages` (the first at most `firstPages`).
+    private func plan(_ batch: PageIOBatch, maxPages: Int, firstPages: Int) -> [ReadRun] {
+        var runs: [ReadRun] = []
         var i = 0
         while i < batch.count {
             guard let location = batch.locations[i], let (lease, slot) = lease(of: location) else {
                 batch.errors[i] = StoreError(.badLocation, "no lease for \(String(describing: batch.locations[i]))")
+                runs.append(ReadRun(first: i, count: 1, lease: nil, slot: 0))
                 i += 1
                 continue
             }
+            let limit = min(MemWire.maxPagesPerIO, runs.isEmpty ? firstPages : maxPages)
             var n = 1
-            while i + n < batch.count, n < MemWire.maxPagesPerIO, let next = batch.locations[i + n],
+            while i + n < batch.count, n < limit, let next = batch.locations[i + n],
                 next.raw == location.raw + UInt64(n), next.raw >> Self.slotBits == location.raw >> Self.slotBits
             {
                 n += 1
             }
-            let target: UnsafeMutableRawPointer
-            if n == 1 {
-                target = batch.buffers[i]
-            } else {
-                if scratch == nil {
-                    scratch = .allocate(byteCount: MemWire.maxPagesPerIO * pageSize, alignment: pageSize)
-                }
-                target = scratch!
-            }
-            let (forgotten, gone) = state.withLock { _ in
-                (lease.server.status == .detached && lease.server.permanentlyFailed, lease.lost)
-            }
-            let failure: TransportError? =
-                forgotten ? TransportError(.restarted, "\(lease.server.address) was removed from the pool")
-                : gone ? TransportError(.restarted, "\(lease.server.address) no longer holds this lease") : lease.shared {
-                do {
-                    try lease.server.backend.read(lease: lease.remoteID, offset: UInt64(slot * pageSize), pages: n,
-                                                  into: target, allowUnwritten: false)
-                    return nil
-                } catch let error as TransportError {
-                    return error
-                } catch {
-                    return TransportError(.unreachable, "\(error)")
-                }
-            }
-            if let error = failure {
-                let code: StoreError.Code
-                if error.kind == .corrupt {
-                    lease.server.errors.wrappingAdd(1, ordering: .relaxed)
-                    logger.error("a far page failed its checksum", metadata: ["fp.server": "\(lease.server.address)", "fp.error": "\(error)"])
-                    code = .corrupt
-                } else if noteLeaseGone(lease, error) || forgotten || gone {
-                    code = .lost
-                } else {
-                    noteFailure(lease.server, error)
-                    code = error.kind == .restarted || lease.server.permanentlyFailed ? .lost : .unavailable
-                }
-                for k in 0..<n { batch.errors[i + k] = StoreError(code, error.message) }
-            } else if n > 1 {
-                for k in 0..<n { memcpy(batch.buffers[i + k], target + k * pageSize, pageSize) }
-            }
+            runs.append(ReadRun(first: i, count: n, lease: lease, slot: slot))
             i += n
+        }
+        return runs
+    }
+
+    private func read(_ batch: PageIOBatch) {
+        var scratch: UnsafeMutableRawPointer? = nil
+        defer { scratch?.deallocate() }
+        for run in plan(batch, maxPages: MemWire.maxPagesPerIO, firstPages: MemWire.maxPagesPerIO) {
+            read(run, of: batch, scratch: &scratch)
+        }
+    }
+
+    /// Whether a run's buffers are consecutive pages (then it is read straight into them).
+    private func contiguous(_ run: ReadRun, _ batch: PageIOBatch) -> Bool {
+        (1..<max(run.count, 1)).allSatisfy { batch.buffers[run.first + $0] == batch.buffers[run.first] + $0 * pageSize }
+    }
+
+    /// Whether a lease can no longer be read at all: its server was removed, or it lost the lease.
+    private func unreadable(_ lease: Lease) -> TransportError? {
+        let (forgotten, gone) = state.withLock { _ in (lease.server.status == .detached && lease.server.permanentlyFailed, lease.lost) }
+        if forgotten { return TransportError(.restarted, "\(lease.server.address) was removed from the pool") }
+        if gone { return TransportError(.restarted, "\(lease.server.address) no longer holds this lease") }
+        return nil
+    }
+
+    /// Reads one run: straight into the batch's buffers when they are consecutive (fetch-ahead
+    /// staging), else through `scratch`.
+    private func read(_ run: ReadRun, of batch: PageIOBatch, scratch: inout UnsafeMutableRawPointer?) {
+        guard let lease = run.lease else { return }
+        let direct = contiguous(run, batch)
+        if !direct && scratch == nil { scratch = .allocate(byteCount: MemWire.maxPagesPerIO * pageSize, alignment: pageSize) }
+        let target = direct ? batch.buffers[run.first] : scratch!
+        let failure: TransportError? = unreadable(lease) ?? lease.shared {
+            do {
+                try lease.server.backend.read(lease: lease.remoteID, offset: UInt64(run.slot * pageSize), pages: run.count,
+                                              into: target, allowUnwritten: false)
+                return nil
+            } catch let error as TransportError {
+                return error
+            } catch {
+                return TransportError(.unreachable, "\(error)")
+            }
+        }
+        if let failure {
+            fail(run, of: batch, failure)
+        } else if !direct {
+            for k in 0..<run.count { memcpy(batch.buffers[run.first + k], target + k * pageSize, pageSize) }
+        }
+    }
+
+    /// Records a failed read for every page of `run`, and what it says about its server or lease.
+    private func fail(_ run: ReadRun, of batch: PageIOBatch, _ error: TransportError) {
+        guard let lease = run.lease else { return }
+        let code: StoreError.Code
+        if error.kind == .corrupt {
+            lease.server.errors.wrappingAdd(1, ordering: .relaxed)
+            logger.error("a far page failed its checksum", metadata: ["fp.server": "\(lease.server.address)", "fp.error": "\(error)"])
+            code = .corrupt
+        } else if error.kind == .restarted || noteLeaseGone(lease, error) {
+            code = .lost
+        } else {
+            noteFailure(lease.server, error)
+            code = lease.server.permanentlyFailed ? .lost : .unavailable
+        }
+        for k in 0..<run.count { batch.errors[run.first + k] = StoreError(code, error.message) }
+    }
+
+    /// Streaming read (fetch-ahead): runs of one lease on a memory server go out together on
+    /// one connection, and each is handed to `ready` as soon as it is in, while the server
+    /// sends the next. The first run is small, so the page at the head of the batch (the one a
+    /// fault waits for) comes back after one short round trip.
+    public func read(_ batch: PageIOBatch, chunkPages: Int, ready: (Int) -> Void) {
+        batch.errors = Array(repeating: nil, count: batch.count)
+        let runs = plan(batch, maxPages: max(1, chunkPages), firstPages: min(max(1, chunkPages), 16))
+        var scratch: UnsafeMutableRawPointer? = nil
+        defer { scratch?.deallocate() }
+        var k = 0
+        while k < runs.count {
+            let run = runs[k]
+            guard let lease = run.lease, let remote = lease.server.backend as? RemoteBackend, contiguous(run, batch) else {
+                read(run, of: batch, scratch: &scratch)
+                ready(run.first + run.count)
+                k += 1
+                continue
+            }
+            var m = k + 1
+            while m < runs.count, runs[m].lease === lease, contiguous(runs[m], batch) { m += 1 }
+            let group = Array(runs[k..<m])
+            k = m
+            if let error = unreadable(lease) {
+                for run in group {
+                    fail(run, of: batch, error)
+                    ready(run.first + run.count)
+                }
+                continue
+            }
+            var reported = 0
+            enum Outcome { case done, moved, broken(TransportError) }
+            let outcome: Outcome = lease.shared {
+                // The record cannot move to another server while its lock is held; it may have
+                // moved since it was looked at (then read it run by run, below).
+                guard lease.server.backend === remote else { return .moved }
+                let wire = group.map {
+                    MemserverClient.ReadRun(offset: UInt64($0.slot * pageSize), pages: $0.count, into: batch.buffers[$0.first])
+                }
+                do throws(TransportError) {
+                    try remote.readPipelined(lease: lease.remoteID, runs: wire) { j, error in
+                        if let error { fail(group[j], of: batch, error) }
+                        reported = j + 1
+                        ready(group[j].first + group[j].count)
+                    }
+                    return .done
+                } catch {
+                    return .broken(error)
+                }
+            }
+            switch outcome {
+            case .done: continue
+            case .moved: break
+            case .broken(let error): noteFailure(lease.server, error)
+            }
+            // The connection broke part way (or the lease moved): the rest, one run at a time.
+            for run in group[reported...] {
+                read(run, of: batch, scratch: &scratch)
+                ready(run.first + run.count)
+            }
         }
     }
 

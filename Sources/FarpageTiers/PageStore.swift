@@ -88,10 +88,21 @@ public protocol PageStore: AnyObject, Sendable {
     func release(_ locations: [PageLocation])
     /// Whether the copy at `location` can be read now (its tier is up).
     func isReadable(_ location: PageLocation) -> Bool
+    /// Reads `batch` (kind `.read`) on the calling thread, calling `ready(k)` whenever pages
+    /// `0..<k` are complete (k grows; the last call has `batch.count`), so the caller can
+    /// install the first pages while later ones are still on their way. Page `i` failed when
+    /// `batch.errors[i]` is set.
+    func read(_ batch: PageIOBatch, chunkPages: Int, ready: (Int) -> Void)
 }
 
 extension PageStore {
     public func isReadable(_ location: PageLocation) -> Bool { true }
+
+    /// Tiers without streaming reads: the whole batch, then one `ready`.
+    public func read(_ batch: PageIOBatch, chunkPages: Int, ready: (Int) -> Void) {
+        submitAndWait(batch)
+        ready(batch.count)
+    }
 }
 
 extension PageStore {

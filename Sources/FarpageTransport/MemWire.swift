@@ -159,15 +159,50 @@ struct ByteWriter {
 extension MemWire {
     /// A whole frame: header and body.
     public static func frame(_ type: MemMessageType, requestID: UInt64, body: [UInt8]) -> [UInt8] {
-        var w = ByteWriter(capacity: headerSize + body.count)
+        var bytes = header(type, requestID: requestID, bodyLength: body.count, capacity: headerSize + body.count)
+        bytes += body
+        return bytes
+    }
+
+    /// A frame header alone, for a body sent separately (page data straight from its buffer).
+    public static func header(_ type: MemMessageType, requestID: UInt64, bodyLength: Int, capacity: Int = headerSize) -> [UInt8] {
+        var w = ByteWriter(capacity: capacity)
         w.u32(magic)
         w.u16(version)
         w.u16(type.rawValue)
         w.u64(requestID)
-        w.u32(UInt32(body.count))
+        w.u32(UInt32(bodyLength))
         w.u32(0)
-        w.bytes += body
         return w.bytes
+    }
+
+    /// A WRITE's header and fixed fields up to its page data (which follows, pages × 4096 bytes).
+    public static func writePrefix(requestID: UInt64, leaseID: UInt64, offset: UInt64, checksums: [UInt64]) -> [UInt8] {
+        let fixed = 20 + 8 * checksums.count
+        var w = ByteWriter(capacity: headerSize + fixed)
+        w.bytes = header(.write, requestID: requestID, bodyLength: fixed + pageSize * checksums.count, capacity: headerSize + fixed)
+        w.u64(leaseID)
+        w.u64(offset)
+        w.u32(UInt32(checksums.count))
+        for c in checksums { w.u64(c) }
+        return w.bytes
+    }
+
+    /// A DATA reply's header and fixed fields up to its page data.
+    public static func dataPrefix(requestID: UInt64, checksums: UnsafeBufferPointer<UInt64>) -> [UInt8] {
+        let fixed = 4 + 8 * checksums.count
+        var w = ByteWriter(capacity: headerSize + fixed)
+        w.bytes = header(.data, requestID: requestID, bodyLength: fixed + pageSize * checksums.count, capacity: headerSize + fixed)
+        w.u32(UInt32(checksums.count))
+        for c in checksums { w.u64(c) }
+        return w.bytes
+    }
+
+    /// Little-endian u64 at `offset` of `bytes` (for callers parsing fixed fields themselves).
+    public static func u64(_ bytes: [UInt8], at offset: Int) -> UInt64 {
+        var r = ByteReader(bytes)
+        r.offset = offset
+        return r.u64()
     }
 
     /// Validates a header (exactly `headerSize` bytes) before its body is read, so a peer

@@ -128,5 +128,131 @@ public final class MemserverClient: @unchecked Sendable {
         }
     }
 
+    /// READ straight into `into` (pages × 4096 bytes): no intermediate buffer. Returns the
+    /// checksums the server stored; the caller verifies them against the data.
+    public func readPages(leaseID: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer) throws(TransportError)
+        -> [UInt64]
+    {
+        let id = try send(.read(leaseID: leaseID, offset: offset, pages: pages))
+        return try receivePages(requestID: id, pages: pages, into: into)
+    }
+
+    /// One run of a pipelined read.
+    public struct ReadRun {
+        public var offset: UInt64
+        public var pages: Int
+        public var into: UnsafeMutableRawPointer
+        public init(offset: UInt64, pages: Int, into: UnsafeMutableRawPointer) {
+            self.offset = offset
+            self.pages = pages
+            self.into = into
+        }
+    }
+
+    /// Several READs of one lease sent together; their replies are received in order, and
+    /// `each(j, checksums, error)` runs as soon as run `j` is in its buffer, while the server
+    /// is already sending the next. An ERROR reply fails only its run; a broken connection
+    /// throws (runs not reported yet did not complete).
+    public func readPipelined(leaseID: UInt64, runs: [ReadRun], each: (Int, [UInt64], TransportError?) -> Void)
+        throws(TransportError)
+    {
+        var frames: [UInt8] = []
+        var ids: [UInt64] = []
+        for run in runs {
+            let id = nextRequestID
+            nextRequestID += 1
+            ids.append(id)
+            frames += MemWire.encode(.read(leaseID: leaseID, offset: run.offset, pages: run.pages), requestID: id)
+        }
+        do { try stream.send(frames) } catch {
+            throw TransportError(.unreachable, "sending to \(host):\(port) failed: \(error)")
+        }
+        for (j, run) in runs.enumerated() {
+            do {
+                let sums = try receivePages(requestID: ids[j], pages: run.pages, into: run.into)
+                each(j, sums, nil)
+            } catch {
+                guard case .refused = error.kind else { throw error }
+                each(j, [], error)
+            }
+        }
+    }
+
+    /// The DATA reply to `requestID`, its pages received into `into`.
+    private func receivePages(requestID id: UInt64, pages: Int, into: UnsafeMutableRawPointer) throws(TransportError) -> [UInt64] {
+        while true {
+            let header = try receiveHeader()
+            guard header.requestID == id else {
+                try discard(header.bodyLength)
+                continue
+            }
+            switch header.type {
+            case .data:
+                let fixed = 4 + 8 * pages
+                guard header.bodyLength == fixed + pages * MemWire.pageSize else {
+                    throw TransportError(.protocolViolation, "\(host):\(port) answered READ of \(pages) pages with \(header.bodyLength) bytes")
+                }
+                let head = try receiveBytes(fixed)
+                let count = Int(UInt32(head[0]) | UInt32(head[1]) << 8 | UInt32(head[2]) << 16 | UInt32(head[3]) << 24)
+                guard count == pages else { throw TransportError(.protocolViolation, "\(host):\(port): DATA count \(count) for \(pages) pages") }
+                let sums = (0..<pages).map { MemWire.u64(head, at: 4 + 8 * $0) }
+                do { try stream.receive(into: into, count: pages * MemWire.pageSize) } catch {
+                    throw TransportError(.unreachable, "reading from the memory server failed: \(error)")
+                }
+                return sums
+            default:
+                let body = try receiveBytes(header.bodyLength)
+                let reply: MemReply
+                do { reply = try MemWire.decodeReply(header.type, body: body) } catch {
+                    throw TransportError(.protocolViolation, "bad reply from the memory server: \(error)")
+                }
+                throw Self.failure(reply, host: host, port: port, what: "READ")
+            }
+        }
+    }
+
+    /// WRITE of `checksums.count` pages from `from`, sent with one gather write (no copy).
+    public func writePages(leaseID: UInt64, offset: UInt64, checksums: [UInt64], from: UnsafeRawPointer) throws(TransportError) {
+        let id = nextRequestID
+        nextRequestID += 1
+        let prefix = MemWire.writePrefix(requestID: id, leaseID: leaseID, offset: offset, checksums: checksums)
+        do { try stream.send(prefix, then: from, count: checksums.count * MemWire.pageSize) } catch {
+            throw TransportError(.unreachable, "sending to \(host):\(port) failed: \(error)")
+        }
+        while true {
+            let (rid, reply) = try receive()
+            guard rid == id else { continue }
+            if case .ok = reply { return }
+            throw Self.failure(reply, host: host, port: port, what: "WRITE")
+        }
+    }
+
+    private func receiveHeader() throws(TransportError) -> MemHeader {
+        let bytes: [UInt8]
+        do { bytes = try stream.receive(exactly: MemWire.headerSize, spinMicroseconds: Self.replySpinMicroseconds) } catch {
+            throw TransportError(.unreachable, "reading from the memory server failed: \(error)")
+        }
+        do { return try MemWire.decodeHeader(bytes) } catch {
+            throw TransportError(.protocolViolation, "bad frame from the memory server: \(error)")
+        }
+    }
+
+    private func receiveBytes(_ n: Int) throws(TransportError) -> [UInt8] {
+        do { return try stream.receive(exactly: n) } catch {
+            throw TransportError(.unreachable, "reading from the memory server failed: \(error)")
+        }
+    }
+
+    private func discard(_ n: Int) throws(TransportError) { _ = try receiveBytes(n) }
+
+    /// The error for a reply that is not the one expected: ERROR codes become `refused` (or
+    /// `corrupt`), anything else is a protocol violation.
+    static func failure(_ reply: MemReply, host: String, port: Int, what: String) -> TransportError {
+        if case .error(let code, let message) = reply {
+            return TransportError(code == MemErrorCode.corrupt.rawValue ? .corrupt : .refused(code: code), "\(host):\(port): \(message)")
+        }
+        return TransportError(.protocolViolation, "\(host):\(port) answered \(what) with \(reply)")
+    }
+
     public func close() { stream.shutdown() }
 }

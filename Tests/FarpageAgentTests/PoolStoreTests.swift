@@ -148,4 +148,47 @@ struct PoolStoreTests {
         store.submitAndWait(r)
         #expect(r.errors[0] == nil && memcmp(back, buffers[0], 4096) == 0)
     }
+
+    /// Streaming reads (fetch-ahead): runs of one lease are pipelined and handed over chunk by
+    /// chunk, in order, each page exact; a page whose location names no lease fails alone.
+    @Test func streamingReadsArriveInOrderChunkByChunk() throws {
+        let server = try MemserverProcess(capacity: "8MiB", leaseSize: "1MiB")
+        defer { server.stop() }
+        let store = try makeStore()
+        try store.attach(address: "127.0.0.1:\(server.port)")
+        let count = 400
+        let source = UnsafeMutableRawPointer.allocate(byteCount: count * 4096, alignment: 4096)
+        let target = UnsafeMutableRawPointer.allocate(byteCount: count * 4096, alignment: 4096)
+        defer {
+            source.deallocate()
+            target.deallocate()
+        }
+        var rng = SplitMix(state: 42)
+        for w in 0..<(count * 512) { source.storeBytes(of: rng.next(), toByteOffset: w * 8, as: UInt64.self) }
+        let w = PageIOBatch(kind: .write)
+        for i in 0..<count { w.append(buffer: source + i * 4096, location: nil) }
+        store.submitAndWait(w)
+        #expect(w.errors.allSatisfy { $0 == nil })
+
+        let r = PageIOBatch(kind: .read)
+        for i in 0..<count { r.append(buffer: target + i * 4096, location: w.locations[i]) }
+        // Page 123 names a lease that does not exist.
+        r.locations[123] = PageLocation(raw: UInt64(4000) << 24)
+        var calls: [Int] = []
+        store.read(r, chunkPages: 64) { calls.append($0) }
+        #expect(calls.count >= 6, "not streamed: \(calls)")
+        #expect(calls == calls.sorted() && calls.last == count && (calls.first ?? 0) <= 16, "\(calls)")
+        #expect(r.errors[123]?.code == .badLocation)
+        for i in 0..<count where i != 123 {
+            #expect(r.errors[i] == nil && memcmp(target + i * 4096, source + i * 4096, 4096) == 0, "page \(i)")
+        }
+        // Buffers that are not consecutive are read through a scratch buffer, still exact.
+        let scattered = PageIOBatch(kind: .read)
+        for i in stride(from: count - 1, through: 0, by: -2) { scattered.append(buffer: target + i * 4096, location: w.locations[i]) }
+        memset(target, 0, count * 4096)
+        store.read(scattered, chunkPages: 64) { _ in }
+        for i in stride(from: count - 1, through: 0, by: -2) {
+            #expect(memcmp(target + i * 4096, source + i * 4096, 4096) == 0, "page \(i)")
+        }
+    }
 }

@@ -152,6 +152,8 @@ int fp_tcp_connect(const char *host, int port, int timeout_ms, int io_timeout_ms
 /* Sends or receives exactly len bytes (retrying short transfers and EINTR). Returns 0,
  * -errno, or -ECONNRESET when the peer closed. EAGAIN means the I/O timeout passed. */
 int fp_send_all(int fd, const void *buf, size_t len);
+/* Sends a then b (writev semantics) until both are out; a header and a payload without copying. */
+int fp_send_two(int fd, const void *a, size_t alen, const void *b, size_t blen);
 int fp_recv_all(int fd, void *buf, size_t len);
 /* As fp_recv_all, but polls (MSG_DONTWAIT) for up to spin_us microseconds before blocking:
  * a reply that arrives within that time costs no sleep and no wake-up of this thread. */
