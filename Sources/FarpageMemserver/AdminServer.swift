@@ -16,6 +16,17 @@ public final class AdminServer: @unchecked Sendable {
     private static let wakeToken: UInt64 = 0
     private static let listenToken: UInt64 = 1
     private static let maxConnections = 64
+    /// A connection with no request for this long is closed (it holds a slot).
+    private static let idleNanoseconds: UInt64 = 10_000_000_000
+
+    struct Connection {
+        let socket: SeqPacketSocket
+        var lastActive: UInt64
+        /// Set for a peer that may not administer the server: its first request gets this
+        /// answer, then the connection is closed (closing before reading would reset it, and
+        /// the peer would never see why).
+        var refusal: String?
+    }
 
     let server: Memserver
     let listener: SeqPacketSocket
@@ -25,8 +36,11 @@ public final class AdminServer: @unchecked Sendable {
     let wake: EventSignal
     let stopping = Atomic<Bool>(false)
     private var thread: pthread_t?
-    private var connections: [UInt64: SeqPacketSocket] = [:]
+    private var connections: [UInt64: Connection] = [:]
     private var nextConnection: UInt64 = 16
+    /// While accept keeps failing (out of descriptors), the listener is out of epoll until then.
+    private var listenerPausedUntil: UInt64?
+    private var lastAcceptComplaint: UInt64 = 0
 
     /// Binds `path` (mode 0600; a stale socket there is replaced).
     public init(server: Memserver, path: String, logger: Logger) throws(KernelError) {
@@ -66,6 +80,12 @@ public final class AdminServer: @unchecked Sendable {
                 default: serve(r.token)
                 }
             }
+            let now = monotonicNanoseconds()
+            for (id, c) in connections where now - c.lastActive > Self.idleNanoseconds { close(id) }
+            if let until = listenerPausedUntil, now >= until {
+                listenerPausedUntil = nil
+                try? epoll.add(listener.rawValue, token: Self.listenToken)
+            }
         }
         for id in Array(connections.keys) { close(id) }
     }
@@ -74,35 +94,41 @@ public final class AdminServer: @unchecked Sendable {
         while true {
             let socket: SeqPacketSocket?
             do { socket = try listener.accept() } catch {
-                logger.warning("admin socket: accept failed", metadata: ["fp.error": "\(error)"])
+                // Out of descriptors, most likely: the listener stays readable, so stop watching
+                // it for a second instead of spinning, and say so at most once a minute.
+                let now = monotonicNanoseconds()
+                if now - lastAcceptComplaint > 60_000_000_000 {
+                    lastAcceptComplaint = now
+                    logger.warning("admin socket: accept failed; pausing it for a second", metadata: ["fp.error": "\(error)"])
+                }
+                epoll.remove(listener.rawValue)
+                listenerPausedUntil = now + 1_000_000_000
                 return
             }
             guard let socket else { return }
-            guard let peer = try? socket.peerCredentials(), peer.uid == 0 || peer.uid == geteuid() else {
-                _ = try? socket.send(encode(.init(ok: false, error: "permission denied: only root and the server's user may administer it")))
-                continue
-            }
-            guard connections.count < Self.maxConnections else {
-                _ = try? socket.send(encode(.init(ok: false, error: "too many admin connections; try again")))
-                continue
+            let allowed = (try? socket.peerCredentials()).map { $0.uid == 0 || $0.uid == geteuid() } ?? false
+            if connections.count >= Self.maxConnections, let oldest = connections.min(by: { $0.value.lastActive < $1.value.lastActive }) {
+                close(oldest.key)  // make room: the least recently active goes
             }
             let id = nextConnection
             nextConnection += 1
             do { try epoll.add(socket.rawValue, token: id) } catch { continue }
-            connections[id] = socket
+            connections[id] = Connection(
+                socket: socket, lastActive: monotonicNanoseconds(),
+                refusal: allowed ? nil : "permission denied: only root and the server's user may administer it")
         }
     }
 
     private func close(_ id: UInt64) {
-        guard let socket = connections.removeValue(forKey: id) else { return }
-        epoll.remove(socket.rawValue)
+        guard let c = connections.removeValue(forKey: id) else { return }
+        epoll.remove(c.socket.rawValue)
     }
 
     private func serve(_ id: UInt64) {
-        guard let socket = connections[id] else { return }
+        guard let c = connections[id] else { return }
         for _ in 0..<8 {
             let packet: SeqPacketSocket.Packet?
-            do { packet = try socket.receive(maxBytes: MemserverAdmin.maxRequest + 1, maxDescriptors: 0) } catch {
+            do { packet = try c.socket.receive(maxBytes: MemserverAdmin.maxRequest + 1, maxDescriptors: 0) } catch {
                 close(id)
                 return
             }
@@ -111,8 +137,14 @@ public final class AdminServer: @unchecked Sendable {
                 close(id)
                 return
             }
+            connections[id]?.lastActive = monotonicNanoseconds()
+            if let refusal = c.refusal {
+                _ = try? c.socket.send(encode(.init(ok: false, error: refusal)))
+                close(id)
+                return
+            }
             let reply = handle(packet.bytes, truncated: packet.truncated)
-            do { try socket.send(encode(reply)) } catch {
+            do { try c.socket.send(encode(reply)) } catch {
                 close(id)
                 return
             }

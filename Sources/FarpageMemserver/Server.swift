@@ -54,13 +54,14 @@ final class AgentSessions: @unchecked Sendable {
         }
     }
 
-    /// - Parameter holdsLeases: whether the agent still holds leases; one that holds none is
-    ///   forgotten at once (there is nothing to keep through a grace period).
-    func detach(_ agent: AgentID, channel: any Channel, holdsLeases: Bool) {
+    /// - Parameter holdsLeases: whether the agent still holds leases, asked under the session
+    ///   lock (another connection of the agent may allocate one meanwhile); one that holds none
+    ///   is forgotten at once (there is nothing to keep through a grace period).
+    func detach(_ agent: AgentID, channel: any Channel, holdsLeases: () -> Bool) {
         sessions.withLock { s in
             s[agent]?.channels[ObjectIdentifier(channel)] = nil
             if s[agent]?.channels.isEmpty == true {
-                if holdsLeases { s[agent]!.disconnectedAt = monotonicNanoseconds() } else { s[agent] = nil }
+                if holdsLeases() { s[agent]!.disconnectedAt = monotonicNanoseconds() } else { s[agent] = nil }
             }
         }
     }
@@ -135,7 +136,8 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
         handshakeTimer?.cancel()
         handshakeTimer = nil
         if let agent = attachedAgent {
-            server.sessions.detach(agent, channel: context.channel, holdsLeases: server.leases.leaseCount(owner: agent) > 0)
+            let leases = server.leases
+            server.sessions.detach(agent, channel: context.channel, holdsLeases: { leases.leaseCount(owner: agent) > 0 })
             attachedAgent = nil
         }
         state = .closing
@@ -416,8 +418,9 @@ public final class Memserver: @unchecked Sendable {
     public func reclaim(bytes: UInt64) {
         limits.withLock { l in
             let u = leases.usage
-            let n = Int((bytes + UInt64(leases.leaseBytes) - 1) / UInt64(leases.leaseBytes))
-            l.operatorLeases = max(0, min(l.operatorLeases ?? Int.max, u.leases - u.reclaiming - n))
+            let lb = UInt64(leases.leaseBytes)
+            let n = Int(clamping: bytes / lb + (bytes % lb == 0 ? 0 : 1))  // no overflow for any size
+            l.operatorLeases = max(0, min(l.operatorLeases ?? Int.max, u.leases - u.reclaiming - n))  // >= -Int.max
             apply(&l, reason: "operator asked for \(bytes) bytes back")
         }
     }
@@ -452,7 +455,8 @@ public final class Memserver: @unchecked Sendable {
                 let surplus = Int64(clamping: available) + Int64(u.reclaiming) * lb - Int64(clamping: l.headroomBytes)
                 let kept = u.leases - u.reclaiming
                 if surplus < 0 {
-                    l.pressureLeases = max(0, kept - Int((-surplus + lb - 1) / lb))
+                    let short = -surplus  // surplus >= -Int64.max: no overflow
+                    l.pressureLeases = max(0, kept - Int(short / lb + (short % lb == 0 ? 0 : 1)))
                 } else if surplus >= 2 * lb {
                     l.pressureLeases = min(cap, max(l.pressureLeases, kept + Int((surplus - lb) / lb)))
                 }

@@ -57,9 +57,10 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         var lastError = ""
         /// A reclaim (donor pressure) thread is running for this server.
         var reclaimRunning = false
-        /// Lease ids the server asked back that we hold no record of, at the last query:
-        /// freed when asked again (a lease whose release was lost on the way).
-        var unknownReclaimIDs: Set<UInt64> = []
+        /// Its pages are gone for good: it restarted (new identity) or was removed unread.
+        var lost = false
+        /// Lease ids whose LEASE_FREE failed: retried at every heartbeat (pool mutex).
+        var pendingFrees: [UInt64] = []
         var lastReclaimComplaint: UInt64 = 0
         init(backend: any LeaseBackend, isLocal: Bool, capacityBytes: UInt64) {
             self.backend = backend
@@ -187,6 +188,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             guard let server = s.servers.first(where: { $0.address == address && $0.status != .detached }) else { return nil }
             server.status = .detached
             server.permanentlyFailed = true
+            server.lost = true
             server.lastError = "removed without draining: its pages are lost"
             return server
         }
@@ -211,8 +213,10 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             moved += leases.count
             ok = drainLeases(leases, of: server, buffer: buffer)
         }
-        if ok, state.withLock({ s in s.leases.contains { $0?.server === server } }) { ok = false }
-        state.withLock { _ in
+        state.withLock { s in
+            // Checked and set together: a lease switched onto this server after the check
+            // (a move that raced the drain) is refused at its switch (`moveLease`).
+            if ok, s.leases.contains(where: { $0?.server === server }) { ok = false }
             server.status = ok ? .detached : .failed
             if !ok {
                 server.permanentlyFailed = true
@@ -253,7 +257,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                     return true
                 }
                 if removed {
-                    try? server.backend.freeLease(lease.remoteID)
+                    freeRemote(server, lease.remoteID)
                     return true
                 }
             }
@@ -284,16 +288,26 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             }
             let old = lease.remoteID
             // Switched under both locks: data paths read the record under the lease lock,
-            // placement and reports under the pool mutex.
-            state.withLock { _ in
+            // placement and reports under the pool mutex. Only onto a target still taking
+            // pages: one that started draining or was removed meanwhile would be left holding
+            // this lease after its own drain reported it empty.
+            let switched = state.withLock { _ -> Bool in
+                guard target.isLocal || (target.status == .healthy && !target.permanentlyFailed) else { return false }
                 lease.server = target
                 lease.remoteID = remoteID
                 lease.reclaiming = false
                 lease.emptyHeartbeats = 0
                 lease.pages = min(lease.pages, targetPages)
                 lease.freeSlots.removeAll { Int($0) >= lease.pages }
+                return true
             }
-            try? server.backend.freeLease(old)
+            guard switched else {
+                logger.notice("the server a lease was moving to left the pool meanwhile; the move is retried",
+                              metadata: ["fp.server": "\(server.address)", "fp.target": "\(target.address)"])
+                freeRemote(target, remoteID)
+                return false
+            }
+            freeRemote(server, old)
             return true
         }
     }
@@ -307,16 +321,21 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             guard let remote = server.backend as? RemoteBackend else { continue }
             do {
                 let stats = try remote.ping()
-                let flagged = state.withLock { s -> Int in
-                    if server.status == .failed {
+                let (healthy, flagged, frees) = state.withLock { s -> (Bool, Int, [UInt64]) in
+                    // Only a failed server comes back; one removed or drained while this ping
+                    // was in flight stays as the operator left it.
+                    if server.status == .failed && !server.permanentlyFailed {
                         logger.notice("memory server answers again", metadata: ["fp.server": "\(server.address)"])
+                        server.status = .healthy
                     }
-                    if server.status != .draining { server.status = .healthy }
+                    guard server.status == .healthy else { return (false, 0, []) }
                     server.capacityBytes = stats.capacityBytes
-                    return s.leases.reduce(0) { $0 + ($1?.server === server && $1!.reclaiming ? 1 : 0) }
+                    defer { server.pendingFrees.removeAll() }
+                    return (true, s.leases.reduce(0) { $0 + ($1?.server === server && $1!.reclaiming ? 1 : 0) }, server.pendingFrees)
                 }
+                for id in frees { freeRemote(server, id) }
                 // Donor pressure: the server wants leases back (or stopped wanting them).
-                if stats.reclaiming > 0 || flagged > 0 { startReclaim(server, remote) }
+                if healthy && (stats.reclaiming > 0 || flagged > 0) { startReclaim(server, remote) }
             } catch {
                 noteFailure(server, error)
             }
@@ -328,7 +347,12 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     /// is memory its host cannot use, and the local spill's is our own.
     func returnEmptyLeases() {
         let candidates = state.withLock { s -> [Lease] in
-            s.leases.compactMap { $0 }.filter { l in
+            // A lost lease's server no longer holds it: once no page points there, drop the record.
+            for (i, l) in s.leases.enumerated() where l?.lost == true && l?.used == 0 {
+                s.leases[i] = nil
+                s.freeLeaseIndices.append(i)
+            }
+            return s.leases.compactMap { $0 }.filter { l in
                 l.emptyHeartbeats = l.used == 0 && !l.reclaiming && !l.lost && (l.server.status == .healthy || l.server.isLocal)
                     ? l.emptyHeartbeats + 1 : 0
                 return l.emptyHeartbeats >= 3
@@ -342,7 +366,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                     s.freeLeaseIndices.append(i)
                     return true
                 }
-                if removed { try? lease.server.backend.freeLease(lease.remoteID) }
+                if removed { freeRemote(lease.server, lease.remoteID) }
             }
         }
     }
@@ -364,35 +388,29 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 noteFailure(server, error)
                 return
             }
-            let (leases, unknown) = state.withLock { s -> ([Lease], Set<UInt64>) in
-                var known: Set<UInt64> = []
+            // Ids with no record here are left alone: they may be leases being allocated or
+            // moved into right now (no record yet). Releases that failed are retried by the
+            // heartbeat (`pendingFrees`).
+            let leases = state.withLock { s -> [Lease] in
                 var asked: [Lease] = []
                 for case let l? in s.leases where l.server === server {
                     l.reclaiming = wanted.contains(l.remoteID)  // the server may have stopped asking
-                    if l.reclaiming {
-                        asked.append(l)
-                        known.insert(l.remoteID)
-                    }
+                    if l.reclaiming { asked.append(l) }
                 }
-                let unknown = wanted.subtracting(known)
-                defer { server.unknownReclaimIDs = unknown }
-                return (asked, unknown.intersection(server.unknownReclaimIDs))
-            }
-            for id in unknown {
-                // Asked twice for a lease we hold no record of: its release was lost; free it now.
-                try? remote.freeLease(id)
+                return asked
             }
             guard !leases.isEmpty else { return }
             logger.notice("memory server asks for leases back; moving their pages elsewhere",
                           metadata: ["fp.server": "\(server.address)", "fp.leases": "\(leases.count)"])
             let buffer = UnsafeMutableRawPointer.allocate(byteCount: MemWire.maxPagesPerIO * pageSize, alignment: pageSize)
             defer { buffer.deallocate() }
-            var returned = 0
             for lease in leases {
                 guard state.withLock({ _ in lease.reclaiming && server.status == .healthy }) else { continue }
-                if moveLease(lease, from: server, buffer: buffer) { returned += 1 }
+                _ = moveLease(lease, from: server, buffer: buffer)
             }
-            let left = leases.count - returned
+            // Returned: no longer on that server (moved here, by a drain, or given back empty).
+            let left = state.withLock { s in leases.filter { l in l.server === server && s.leases.contains { $0 === l } }.count }
+            let returned = leases.count - left
             if left == 0 {
                 logger.notice("leases given back to the memory server", metadata: ["fp.server": "\(server.address)", "fp.leases": "\(returned)"])
                 return
@@ -420,6 +438,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             if error.kind == .restarted {
                 newlyRestarted = !server.permanentlyFailed
                 server.permanentlyFailed = true
+                server.lost = true
                 server.status = .failed
             }
             defer { if server.status == .healthy, error.kind != .corrupt { server.status = .failed } }
@@ -525,8 +544,16 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             if out.count < count {
                 let (server, remoteID) = try allocateLease(on: target)
                 let lease = Lease(server: server, remoteID: remoteID, pages: Int(server.backend.leaseBytes) / pageSize)
-                state.withLock { s in
+                let added = state.withLock { s -> Bool in
+                    // A server that began draining (or was removed) while the lease was being
+                    // allocated gets no record: its drain may already have finished.
+                    guard server.isLocal || server.status == .healthy else { return false }
                     if let i = s.freeLeaseIndices.popLast() { s.leases[i] = lease } else { s.leases.append(lease) }
+                    return true
+                }
+                if !added {
+                    freeRemote(server, remoteID)
+                    continue
                 }
                 if server !== (target ?? local) {
                     // The chosen server was full or failed: take the rest from where the lease came.
@@ -625,7 +652,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
 
     /// Whether a lease can no longer be read at all: its server was removed, or it lost the lease.
     private func unreadable(_ lease: Lease) -> TransportError? {
-        let (forgotten, gone) = state.withLock { _ in (lease.server.status == .detached && lease.server.permanentlyFailed, lease.lost) }
+        let (forgotten, gone) = state.withLock { _ in (lease.server.status == .detached && lease.server.lost, lease.lost) }
         if forgotten { return TransportError(.restarted, "\(lease.server.address) was removed from the pool") }
         if gone { return TransportError(.restarted, "\(lease.server.address) no longer holds this lease") }
         return nil
@@ -668,7 +695,9 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             code = .lost
         } else {
             noteFailure(lease.server, error)
-            code = lease.server.permanentlyFailed ? .lost : .unavailable
+            // Only a server whose pages are gone (restarted, removed) makes a page lost; one that
+            // merely stays failed (its drain failed) may still answer: retry.
+            code = state.withLock { _ in lease.server.lost } ? .lost : .unavailable
         }
         for k in 0..<run.count { batch.errors[run.first + k] = StoreError(code, error.message) }
     }
@@ -745,17 +774,20 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         // page table still points there): releasing it would let another page reuse it.
         var stale = [PageLocation?](repeating: nil, count: batch.count)
         // One pass under the pool mutex for the whole batch (this is the eviction path).
-        let healthy: [Bool] = state.withLock { s in
+        enum Place { case inPlace, reclaiming, elsewhere }
+        let places: [Place] = state.withLock { s in
             batch.locations.map { l in
                 guard let l, case let index = Int(l.raw >> Self.slotBits), index < s.leases.count,
                     let lease = s.leases[index]
-                else { return false }
-                // A lease asked back gets no rewrites either: the page moves now, not with the lease.
-                return (lease.server.status == .healthy || lease.server.isLocal) && !lease.reclaiming && !lease.lost
+                else { return .elsewhere }
+                guard (lease.server.status == .healthy || lease.server.isLocal) && !lease.lost else { return .elsewhere }
+                // A lease asked back gets no rewrites if the page can go elsewhere: it moves now,
+                // not with the lease.
+                return lease.reclaiming ? .reclaiming : .inPlace
             }
         }
         for i in 0..<batch.count {
-            if healthy[i] {
+            if places[i] == .inPlace {
                 targets[i] = batch.locations[i]
             } else {
                 stale[i] = batch.locations[i]
@@ -768,7 +800,17 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 let slots = try reserveSlots(fresh.count)
                 for (k, i) in fresh.enumerated() { targets[i] = slots[k] }
             } catch {
-                for i in fresh { batch.errors[i] = error }
+                for i in fresh {
+                    if places[i] == .reclaiming {
+                        // Nowhere else to go: the lease asked back is still ours and usable (it
+                        // moves as a whole, later); rewrite the page there rather than fail.
+                        targets[i] = batch.locations[i]
+                        stale[i] = nil
+                        isFresh[i] = false
+                    } else {
+                        batch.errors[i] = error
+                    }
+                }
             }
         }
         // Group consecutive slots of one lease into runs: one WRITE each.
@@ -831,6 +873,15 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 metadata: ["fp.server": "\(lease.server.address)", "fp.lease": "\(lease.remoteID)", "fp.pages": "\(lease.used)"])
         }
         return true
+    }
+
+    /// Gives a lease back to its server; a release that fails (not one the server says it does
+    /// not know) is retried at the next heartbeats, so the server does not keep it forever.
+    private func freeRemote(_ server: Server, _ id: UInt64) {
+        do throws(TransportError) { try server.backend.freeLease(id) } catch {
+            if error.kind == .refused(code: MemErrorCode.noSuchLease.rawValue) || server.isLocal { return }
+            state.withLock { _ in if !server.lost && server.pendingFrees.count < 4096 { server.pendingFrees.append(id) } }
+        }
     }
 
     /// Whether the far copy at `location` can be read now. A clean page whose copy is on a
