@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make demo: two memory servers on loopback, the agent pooling their memory, and a workload
 # over a region 4x its resident budget; prints faults, evictions, throughput, a verified
-# checksum, and where the far pages live.
+# checksum, and where the far pages live; mid-run, memory server 1 asks for its memory back
+# (donor pressure) and the agent moves its pages to server 2.
 set -euo pipefail
 bin="${1:-.build/release}"
 work="$(mktemp -d /tmp/farpage-demo.XXXXXX)"
@@ -60,9 +61,13 @@ wl=$!
 sleep 2
 echo "== farpagectl regions (mid-run)"
 "$bin/farpagectl" regions --socket "$work/agent.sock" || true
+echo "== donor pressure (mid-run): memory server 1 wants all its memory back; the agent moves the pages"
+"$bin/farpagectl" memserver reclaim 512MiB --socket "$work/memserver1.sock" --wait --timeout 60
 wait $wl
 echo "== farpagectl pool list (after the run: where far pages lived)"
 "$bin/farpagectl" pool list --socket "$work/agent.sock"
+echo "== memory server 1 lends again"
+"$bin/farpagectl" memserver limit none --socket "$work/memserver1.sock"
 echo "== agent status"
 "$bin/farpagectl" status --socket "$work/agent.sock"
 echo "== demo OK"

@@ -34,7 +34,7 @@ public struct PagingPolicy: Sendable {
     /// Pages fetched ahead of a fault when a sequential stream starts (or is advised).
     public var sequentialWindow: Int = 16
     /// The most pages fetched ahead at once; the window doubles while a stream keeps using it.
-    public var maxPrefetchWindow: Int = 256
+    public var maxPrefetchWindow: Int = 128
     public init() {}
 }
 

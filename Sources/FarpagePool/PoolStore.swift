@@ -752,14 +752,22 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 }
             }
             switch outcome {
-            case .done: continue
-            case .moved: break
-            case .broken(let error): noteFailure(lease.server, error)
-            }
-            // The connection broke part way (or the lease moved): the rest, one run at a time.
-            for run in group[reported...] {
-                read(run, of: batch, scratch: &scratch)
-                ready(run.first + run.count)
+            case .done:
+                continue
+            case .moved:
+                // It moved to another server meanwhile: the rest, one run at a time.
+                for run in group[reported...] {
+                    read(run, of: batch, scratch: &scratch)
+                    ready(run.first + run.count)
+                }
+            case .broken(let error):
+                // The connection broke part way (the server is now marked failed): the runs not
+                // in yet fail now rather than each waiting out its own timeout; the faulting
+                // page is retried by its fault (and fetched-ahead pages stay far).
+                for run in group[reported...] {
+                    fail(run, of: batch, error)
+                    ready(run.first + run.count)
+                }
             }
         }
     }
