@@ -369,9 +369,9 @@ public final class Memserver: @unchecked Sendable {
     let limits: Mutex<Limits>
 
     public init(config: MemserverConfig, secret: ClusterSecret, logger: Logger) {
-        // Page batches are up to 1 MiB: keep such buffers mmapped and returned to the kernel
-        // when freed. glibc otherwise raises its mmap threshold after the first free and serves
-        // them from arenas that keep the memory, and the server's footprint creeps up with traffic.
+        // Page batches are up to 1 MiB: keep such buffers in the heap and reused (a fixed mmap
+        // threshold above them), rather than mmapped, faulted in and zeroed on every request
+        // (docs/decisions.md, item 27).
         tuneAllocatorForLargeBuffers()
         self.config = config
         self.secret = secret

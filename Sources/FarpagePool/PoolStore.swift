@@ -651,10 +651,10 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     }
 
     /// Whether a lease can no longer be read at all: its server was removed, or it lost the lease.
-    private func unreadable(_ lease: Lease) -> TransportError? {
-        let (forgotten, gone) = state.withLock { _ in (lease.server.status == .detached && lease.server.lost, lease.lost) }
-        if forgotten { return TransportError(.restarted, "\(lease.server.address) was removed from the pool") }
-        if gone { return TransportError(.restarted, "\(lease.server.address) no longer holds this lease") }
+    private func unreadable(_ lease: Lease) -> StoreError? {
+        let (server, forgotten, gone) = state.withLock { _ in (lease.server, lease.server.status == .detached && lease.server.lost, lease.lost) }
+        if forgotten { return StoreError(.lost, "\(server.address) was removed from the pool") }
+        if gone { return StoreError(.lost, "\(server.address) no longer holds this lease") }
         return nil
     }
 
@@ -662,44 +662,50 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     /// staging), else through `scratch`.
     private func read(_ run: ReadRun, of batch: PageIOBatch, scratch: inout UnsafeMutableRawPointer?) {
         guard let lease = run.lease else { return }
+        if let error = unreadable(lease) { return set(run, of: batch, error) }
         let direct = contiguous(run, batch)
         if !direct && scratch == nil { scratch = .allocate(byteCount: MemWire.maxPagesPerIO * pageSize, alignment: pageSize) }
         let target = direct ? batch.buffers[run.first] : scratch!
-        let failure: TransportError? = unreadable(lease) ?? lease.shared {
+        // The server is taken under the lease lock: the failure is blamed on the server asked.
+        let (server, failure): (Server, TransportError?) = lease.shared {
             do {
                 try lease.server.backend.read(lease: lease.remoteID, offset: UInt64(run.slot * pageSize), pages: run.count,
                                               into: target, allowUnwritten: false)
-                return nil
+                return (lease.server, nil)
             } catch let error as TransportError {
-                return error
+                return (lease.server, error)
             } catch {
-                return TransportError(.unreachable, "\(error)")
+                return (lease.server, TransportError(.unreachable, "\(error)"))
             }
         }
         if let failure {
-            fail(run, of: batch, failure)
+            fail(run, of: batch, failure, server: server)
         } else if !direct {
             for k in 0..<run.count { memcpy(batch.buffers[run.first + k], target + k * pageSize, pageSize) }
         }
     }
 
-    /// Records a failed read for every page of `run`, and what it says about its server or lease.
-    private func fail(_ run: ReadRun, of batch: PageIOBatch, _ error: TransportError) {
+    private func set(_ run: ReadRun, of batch: PageIOBatch, _ error: StoreError) {
+        for k in 0..<run.count { batch.errors[run.first + k] = error }
+    }
+
+    /// Records a failed read of `run` from `server`, and what it says about the server or lease.
+    private func fail(_ run: ReadRun, of batch: PageIOBatch, _ error: TransportError, server: Server) {
         guard let lease = run.lease else { return }
         let code: StoreError.Code
         if error.kind == .corrupt {
-            lease.server.errors.wrappingAdd(1, ordering: .relaxed)
-            logger.error("a far page failed its checksum", metadata: ["fp.server": "\(lease.server.address)", "fp.error": "\(error)"])
+            server.errors.wrappingAdd(1, ordering: .relaxed)
+            logger.error("a far page failed its checksum", metadata: ["fp.server": "\(server.address)", "fp.error": "\(error)"])
             code = .corrupt
-        } else if error.kind == .restarted || noteLeaseGone(lease, error) {
+        } else if noteLeaseGone(lease, error) {
             code = .lost
         } else {
-            noteFailure(lease.server, error)
-            // Only a server whose pages are gone (restarted, removed) makes a page lost; one that
-            // merely stays failed (its drain failed) may still answer: retry.
-            code = state.withLock { _ in lease.server.lost } ? .lost : .unavailable
+            // A restart found here marks the server lost (so that clean pages whose only copy
+            // was there are rewritten before eviction), as a heartbeat would.
+            noteFailure(server, error)
+            code = error.kind == .restarted || state.withLock({ _ in server.lost }) ? .lost : .unavailable
         }
-        for k in 0..<run.count { batch.errors[run.first + k] = StoreError(code, error.message) }
+        set(run, of: batch, StoreError(code, error.message))
     }
 
     /// Streaming read (fetch-ahead): runs of one lease on a memory server go out together on
@@ -711,10 +717,25 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         let runs = plan(batch, maxPages: max(1, chunkPages), firstPages: min(max(1, chunkPages), 16))
         var scratch: UnsafeMutableRawPointer? = nil
         defer { scratch?.deallocate() }
+        // Servers whose connection broke during this batch: their later runs fail at once
+        // instead of each waiting out a timeout (the faulting page has its own retries).
+        var broken: [ObjectIdentifier: StoreError] = [:]
         var k = 0
         while k < runs.count {
             let run = runs[k]
-            guard let lease = run.lease, let remote = lease.server.backend as? RemoteBackend, contiguous(run, batch) else {
+            guard let lease = run.lease else {
+                ready(run.first + run.count)
+                k += 1
+                continue
+            }
+            let server = state.withLock { _ in lease.server }
+            if let error = broken[ObjectIdentifier(server)] {
+                set(run, of: batch, error)
+                ready(run.first + run.count)
+                k += 1
+                continue
+            }
+            guard let remote = server.backend as? RemoteBackend, contiguous(run, batch) else {
                 read(run, of: batch, scratch: &scratch)
                 ready(run.first + run.count)
                 k += 1
@@ -726,7 +747,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             k = m
             if let error = unreadable(lease) {
                 for run in group {
-                    fail(run, of: batch, error)
+                    set(run, of: batch, error)
                     ready(run.first + run.count)
                 }
                 continue
@@ -736,13 +757,13 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             let outcome: Outcome = lease.shared {
                 // The record cannot move to another server while its lock is held; it may have
                 // moved since it was looked at (then read it run by run, below).
-                guard lease.server.backend === remote else { return .moved }
+                guard lease.server === server else { return .moved }
                 let wire = group.map {
                     MemserverClient.ReadRun(offset: UInt64($0.slot * pageSize), pages: $0.count, into: batch.buffers[$0.first])
                 }
                 do throws(TransportError) {
                     try remote.readPipelined(lease: lease.remoteID, runs: wire) { j, error in
-                        if let error { fail(group[j], of: batch, error) }
+                        if let error { fail(group[j], of: batch, error, server: server) }
                         reported = j + 1
                         ready(group[j].first + group[j].count)
                     }
@@ -761,11 +782,14 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                     ready(run.first + run.count)
                 }
             case .broken(let error):
-                // The connection broke part way (the server is now marked failed): the runs not
-                // in yet fail now rather than each waiting out its own timeout; the faulting
-                // page is retried by its fault (and fetched-ahead pages stay far).
+                // The connection broke part way: one failure for the server, and the runs not
+                // in yet fail now (fetched-ahead pages stay far; the faulting page is retried).
+                noteFailure(server, error)
+                let failed = StoreError(error.kind == .restarted || state.withLock({ _ in server.lost }) ? .lost : .unavailable,
+                                        error.message)
+                broken[ObjectIdentifier(server)] = failed
                 for run in group[reported...] {
-                    fail(run, of: batch, error)
+                    set(run, of: batch, failed)
                     ready(run.first + run.count)
                 }
             }
