@@ -19,7 +19,7 @@ struct ControlSocketFuzzTests {
         return Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0
     }
 
-    @Test func thirtyThousandHostileFramesAndTheAgentKeepsServing() throws {
+    @Test func aHundredThousandHostileFramesAndTheAgentKeepsServing() throws {
         let agent = try AgentProcess()
         defer { agent.stop() }
         // A real client works through the whole run.
@@ -46,7 +46,7 @@ struct ControlSocketFuzzTests {
         let rssBefore = residentKiB(agent.pid)
         var replies = 0
         var reconnects = 0
-        for i in 0..<30_000 {
+        for i in 0..<100_000 {
             var frame: [UInt8]
             switch rng.next() % 5 {
             case 0: frame = (0..<Int(rng.next() % 96)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
@@ -81,11 +81,11 @@ struct ControlSocketFuzzTests {
                 socket.setReceiveTimeout(milliseconds: 2000)
                 reconnects += 1
             }
-            if i % 5000 == 0 { #expect(agent.process.isRunning, "the agent died at frame \(i)") }
+            if i % 10_000 == 0 { #expect(agent.process.isRunning, "the agent died at frame \(i)") }
         }
         #expect(agent.process.isRunning)
-        #expect(replies > 15_000, "the agent answered only \(replies) frames")
-        #expect(reconnects > 100, "garbage never closed a connection (\(reconnects))")
+        #expect(replies > 50_000, "the agent answered only \(replies) frames")
+        #expect(reconnects > 300, "garbage never closed a connection (\(reconnects))")
         let grown = residentKiB(agent.pid) - rssBefore
         #expect(grown < 64 * 1024, "agent memory grew by \(grown) KiB under fuzzing")
         #expect(try agent.call(.ping) == .ok(0, 0))
