@@ -53,6 +53,8 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         /// Restarted, or its drain failed: heartbeats no longer bring it back to healthy.
         var permanentlyFailed = false
         var capacityBytes: UInt64
+        /// Bytes the server lends to all its agents (from PONG), ours included.
+        var lentBytes: UInt64 = 0
         let errors = Atomic<UInt64>(0)
         var lastError = ""
         /// A reclaim (donor pressure) thread is running for this server.
@@ -330,6 +332,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                     }
                     guard server.status == .healthy else { return (false, 0, []) }
                     server.capacityBytes = stats.capacityBytes
+                    server.lentBytes = stats.usedBytes
                     defer { server.pendingFrees.removeAll() }
                     return (true, s.leases.reduce(0) { $0 + ($1?.server === server && $1!.reclaiming ? 1 : 0) }, server.pendingFrees)
                 }
@@ -499,10 +502,19 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         throw StoreError(.full, "no memory server and no local spill can take more pages")
     }
 
-    /// Free bytes of a server by our own accounting (its capacity less the pages we keep there).
+    /// Free bytes of a server for us: its capacity, less what it lends to other agents (from
+    /// its last PONG) and the pages we keep there.
     private func freeBytes(_ server: Server) -> Int64 {
-        let stored = state.withLock { s in s.leases.reduce(0) { $0 + ($1?.server === server ? $1!.used : 0) } }
-        return Int64(server.capacityBytes) - Int64(stored) * Int64(pageSize)
+        state.withLock { s in
+            var leased = 0
+            var stored = 0
+            for case let l? in s.leases where l.server === server {
+                leased += l.pages
+                stored += l.used
+            }
+            let others = max(0, Int64(clamping: server.lentBytes) - Int64(leased) * Int64(pageSize))
+            return Int64(clamping: server.capacityBytes) - others - Int64(stored) * Int64(pageSize)
+        }
     }
 
     /// Reserves `count` slots on one server chosen for the batch, preferring consecutive slots

@@ -191,4 +191,39 @@ struct PoolStoreTests {
             #expect(memcmp(target + i * 4096, source + i * 4096, 4096) == 0, "page \(i)")
         }
     }
+
+    /// Placement counts what a server lends to other agents: a second agent puts its pages on
+    /// the server the first one has not filled.
+    @Test func placementCountsOtherAgentsLeases() throws {
+        let busy = try MemserverProcess(capacity: "8MiB", leaseSize: "1MiB")
+        let idle = try MemserverProcess(capacity: "8MiB", leaseSize: "1MiB")
+        defer {
+            busy.stop()
+            idle.stop()
+        }
+        let page = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { page.deallocate() }
+        memset(page, 0x33, 4096)
+        func write(_ store: PoolStore, _ n: Int) -> [PageLocation?] {
+            let w = PageIOBatch(kind: .write)
+            for _ in 0..<n { w.append(buffer: page, location: nil) }
+            store.submitAndWait(w)
+            #expect(w.errors.allSatisfy { $0 == nil })
+            return w.locations
+        }
+        // Agent A fills 6 of the busy server's 8 leases.
+        let a = try makeStore()
+        try a.attach(address: "127.0.0.1:\(busy.port)")
+        _ = write(a, 6 * 256)
+        #expect(try busy.adminStatus().leases == 6)
+        // Agent B sees both servers; after a heartbeat it knows what the busy one lends.
+        let b = try makeStore()
+        try b.attach(address: "127.0.0.1:\(busy.port)")
+        try b.attach(address: "127.0.0.1:\(idle.port)")
+        b.heartbeat()
+        for _ in 0..<8 { _ = write(b, 64) }
+        let rows = b.report()
+        #expect(rows.first { $0.address == "127.0.0.1:\(idle.port)" }?.storedPages == 512, "\(rows.map { "\($0.address)=\($0.storedPages)" })")
+        #expect(rows.first { $0.address == "127.0.0.1:\(busy.port)" }?.storedPages == 0)
+    }
 }
