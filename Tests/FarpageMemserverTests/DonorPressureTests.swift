@@ -14,6 +14,22 @@ import Glibc
 /// that the server waits for the agent instead of taking leases (and their pages) by force.
 @Suite("Memory server: donor pressure", .serialized)
 struct DonorPressureTests {
+    @Test func theCommentedReferenceConfigIsValidAndMatchesTheDefaults() throws {
+        let path = #filePath.components(separatedBy: "/Tests/")[0] + "/config/memserver.toml"
+        #expect(try MemserverConfig.load(path: path) == MemserverConfig())
+        // Headroom and the admin socket: sizes (0 is off), an absolute path or "".
+        let c = try MemserverConfig.parse("""
+            [memserver]
+            headroom = "2GiB"
+            admin_socket = ""
+            """)
+        #expect(c.headroomBytes == 2 << 30 && c.adminSocket.isEmpty)
+        #expect(try MemserverConfig.parse("[memserver]\nheadroom = \"0\"").headroomBytes == 0)
+        #expect(throws: MemserverConfigError.self) { try MemserverConfig.parse("[memserver]\nheadroom = \"lots\"") }
+        #expect(throws: MemserverConfigError.self) { try MemserverConfig.parse("[memserver]\nheadroom = -1") }
+        #expect(throws: MemserverConfigError.self) { try MemserverConfig.parse("[memserver]\nadmin_socket = \"relative.sock\"") }
+    }
+
     @Test func aLowerLimitMarksLeasesOfTheBiggestHoldersAndRefusesNewOnes() {
         let table = LeaseTable(capacityBytes: 16 << 20, leaseBytes: 1 << 20)
         let big = AgentID(Array(repeating: 1, count: 16))
