@@ -257,6 +257,34 @@ public final class LeaseTable: @unchecked Sendable {
         }) ?? 0
     }
 
+    /// Moves reclaim marks that have waited longer than `seconds` to leases of other agents
+    /// (those holding the most unmarked leases first): an agent that cannot give leases back
+    /// (nowhere to put the pages) should not hold up the reclaim while another could. The
+    /// agent that was asked sees its marks gone at its next heartbeat. Returns how many moved.
+    @discardableResult
+    public func rotateStaleMarks(olderThan seconds: Double) -> Int {
+        (try? exclusive { () throws(LeaseError) -> Int in
+            let now = monotonicNanoseconds()
+            let limit = UInt64(max(0, seconds) * 1e9)
+            let stale = reclaim.filter { now - $0.value >= limit }.sorted { $0.value < $1.value }
+            guard !stale.isEmpty else { return 0 }
+            let stuck = Set(stale.compactMap { leases[$0.key]?.owner })
+            var unmarked: [AgentID: [UInt64]] = [:]
+            for (id, l) in leases where reclaim[id] == nil && !stuck.contains(l.owner) { unmarked[l.owner, default: []].append(id) }
+            for owner in unmarked.keys { unmarked[owner]!.sort() }
+            var moved = 0
+            for (id, _) in stale {
+                guard let owner = unmarked.max(by: { a, b in a.value.count != b.value.count ? a.value.count < b.value.count : a.key.description < b.key.description })?.key,
+                    let other = unmarked[owner]!.popLast()
+                else { break }
+                reclaim[id] = nil
+                reclaim[other] = now
+                moved += 1
+            }
+            return moved
+        }) ?? 0
+    }
+
     /// The leases of `owner` the server wants back.
     public func reclaimRequested(owner: AgentID) -> [UInt64] {
         (try? shared { () throws(LeaseError) -> [UInt64] in

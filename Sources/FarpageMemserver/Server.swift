@@ -367,6 +367,8 @@ public final class Memserver: @unchecked Sendable {
         var lastStaleWarning: UInt64 = 0
     }
     let limits: Mutex<Limits>
+    /// How long a lease asked back may wait before the request goes to another agent instead.
+    static let reclaimPatienceSeconds = 120.0
 
     public init(config: MemserverConfig, secret: ClusterSecret, logger: Logger) {
         // Page batches are up to 1 MiB: keep such buffers in the heap and reused (a fixed mmap
@@ -462,6 +464,12 @@ public final class Memserver: @unchecked Sendable {
                 }
             }
             apply(&l, reason: "free memory \(available.map(String.init) ?? "unknown") bytes, headroom \(l.headroomBytes) bytes")
+            // Marks an agent has not honoured for two minutes go to other agents that could.
+            let moved = leases.rotateStaleMarks(olderThan: Self.reclaimPatienceSeconds)
+            if moved > 0 {
+                logger.notice("asking other agents for leases an agent has not given back in time",
+                              metadata: ["fp.moved": "\(moved)"])
+            }
             // An agent that does not give leases back is named once a minute; the server keeps
             // waiting (taking a lease by force would lose its pages).
             let now = monotonicNanoseconds()

@@ -249,6 +249,9 @@ extension Region {
                 try? uffd.poison(address: address(ofPage: page), length: UInt64(spec.pageSize))
                 return
             }
+            // A moment before trying again (50 ms, then 100 ms), so that a connection reset or a
+            // server's brief stall does not cost the page its last tries.
+            usleep(UInt32(attempt) * 50_000)
         }
         counters.fetches.bump()
         install(page: page, from: staging.page(0), writable: writable)

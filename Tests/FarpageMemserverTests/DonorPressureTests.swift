@@ -67,6 +67,29 @@ struct DonorPressureTests {
         #expect(table.allocate(owner: small, count: 1).isEmpty)
     }
 
+    /// Marks an agent has not honoured in time move to another agent's leases; with no other
+    /// agent to ask they stay.
+    @Test func staleMarksMoveToAnotherAgent() {
+        let table = LeaseTable(capacityBytes: 16 << 20, leaseBytes: 1 << 20)
+        let stuck = AgentID(Array(repeating: 7, count: 16))
+        let able = AgentID(Array(repeating: 8, count: 16))
+        _ = table.allocate(owner: stuck, count: 4)
+        let ableLeases = table.allocate(owner: able, count: 2)
+        #expect(table.setLimit(leases: 4) == 2)
+        #expect(table.reclaimRequested(owner: stuck).count == 2 && table.reclaimRequested(owner: able).isEmpty)
+        #expect(table.rotateStaleMarks(olderThan: 3600) == 0, "fresh marks moved")
+        #expect(table.rotateStaleMarks(olderThan: 0) == 2)
+        #expect(table.reclaimRequested(owner: stuck).isEmpty)
+        #expect(Set(table.reclaimRequested(owner: able)) == Set(ableLeases))
+        #expect(table.usage.reclaiming == 2 && table.usage.leases == 6)
+
+        let alone = LeaseTable(capacityBytes: 16 << 20, leaseBytes: 1 << 20)
+        _ = alone.allocate(owner: stuck, count: 4)
+        #expect(alone.setLimit(leases: 1) == 3)
+        #expect(alone.rotateStaleMarks(olderThan: 0) == 0)
+        #expect(alone.reclaimRequested(owner: stuck).count == 3)
+    }
+
     /// An agent that does not give its leases back keeps them, and its pages stay readable:
     /// the server only ever takes back what the agent returns.
     @Test func theServerWaitsForAnAgentThatDoesNotReturnItsLeases() throws {
