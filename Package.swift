@@ -33,7 +33,7 @@ let package = Package(
         // The memory-server protocol and its authentication (shared by memserver and agent).
         .target(
             name: "FarpageTransport",
-            dependencies: ["CFarpageChecksum", "FarpageKernel", .product(name: "Crypto", package: "swift-crypto")],
+            dependencies: ["CFarpageChecksum", "FarpageKernel", "FarpageProtocol", .product(name: "Crypto", package: "swift-crypto")],
             swiftSettings: strict),
         // The memory server: lends DRAM as leases to agents over TCP.
         .target(

@@ -105,56 +105,12 @@ public enum Reply: Equatable, Sendable {
 
 // MARK: - Byte helpers
 
-struct Reader {
-    let bytes: [UInt8]
-    var offset: Int
-    init(_ bytes: [UInt8], at offset: Int) {
-        self.bytes = bytes
-        self.offset = offset
-    }
-    var remaining: Int { bytes.count - offset }
-    mutating func u16() -> UInt16 {
-        defer { offset += 2 }
-        return UInt16(bytes[offset]) | UInt16(bytes[offset + 1]) << 8
-    }
-    mutating func u32() -> UInt32 {
-        var v: UInt32 = 0
-        for i in 0..<4 { v |= UInt32(bytes[offset + i]) << (8 * i) }
-        offset += 4
-        return v
-    }
-    mutating func u64() -> UInt64 {
-        var v: UInt64 = 0
-        for i in 0..<8 { v |= UInt64(bytes[offset + i]) << (8 * i) }
-        offset += 8
-        return v
-    }
-    mutating func fixedString(_ n: Int) -> String {
-        let slice = bytes[offset..<(offset + n)]
-        offset += n
-        let end = slice.firstIndex(of: 0) ?? slice.endIndex
-        return String(decoding: slice[slice.startIndex..<end], as: UTF8.self)
-    }
-}
-
-struct Writer {
-    var bytes: [UInt8] = []
-    mutating func u16(_ v: UInt16) { for i in 0..<2 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) } }
-    mutating func u32(_ v: UInt32) { for i in 0..<4 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) } }
-    mutating func u64(_ v: UInt64) { for i in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) } }
-    mutating func fixedString(_ s: String, _ n: Int) {
-        var utf8 = Array(s.utf8.prefix(n - 1))
-        utf8 += [UInt8](repeating: 0, count: n - utf8.count)
-        bytes += utf8
-    }
-}
-
 // MARK: - Encoding and decoding
 
 extension Wire {
     /// A whole message: header + body.
     public static func message(_ type: MessageType, requestID: UInt32, body: [UInt8]) -> [UInt8] {
-        var w = Writer()
+        var w = LittleEndianWriter()
         w.u32(magic)
         w.u16(version)
         w.u16(type.rawValue)
@@ -168,7 +124,7 @@ extension Wire {
         guard bytes.count >= headerSize else {
             throw WireError(message: "message of \(bytes.count) bytes is shorter than the 16-byte header", fatal: true, requestID: 0)
         }
-        var r = Reader(bytes, at: 0)
+        var r = LittleEndianReader(bytes, at: 0)
         let m = r.u32()
         let v = r.u16()
         let type = r.u16()
@@ -189,7 +145,7 @@ extension Wire {
     /// Decodes a client request. Errors name the field at fault.
     public static func decodeRequest(_ bytes: [UInt8]) throws(WireError) -> (Header, Request) {
         let h = try decodeHeader(bytes)
-        var r = Reader(bytes, at: headerSize)
+        var r = LittleEndianReader(bytes, at: headerSize)
         func need(_ n: Int, _ what: String) throws(WireError) {
             guard r.remaining == n else {
                 throw WireError(message: "\(what) body must be \(n) bytes, got \(r.remaining)", fatal: false, requestID: h.requestID)
@@ -252,7 +208,7 @@ extension Wire {
     }
 
     public static func encode(_ request: Request, requestID: UInt32) -> [UInt8] {
-        var w = Writer()
+        var w = LittleEndianWriter()
         let type: MessageType
         switch request {
         case .register(let q):
@@ -295,7 +251,7 @@ extension Wire {
     }
 
     public static func encode(_ reply: Reply, requestID: UInt32) -> [UInt8] {
-        var w = Writer()
+        var w = LittleEndianWriter()
         let type: MessageType
         switch reply {
         case .ok(let a, let b):
@@ -323,7 +279,7 @@ extension Wire {
 
     public static func decodeReply(_ bytes: [UInt8]) throws(WireError) -> (Header, Reply) {
         let h = try decodeHeader(bytes)
-        var r = Reader(bytes, at: headerSize)
+        var r = LittleEndianReader(bytes, at: headerSize)
         func bad(_ what: String) -> WireError { WireError(message: "malformed \(what) reply", fatal: true, requestID: h.requestID) }
         switch MessageType(rawValue: h.type) {
         case .ok:

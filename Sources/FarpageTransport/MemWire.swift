@@ -1,3 +1,5 @@
+import FarpageProtocol
+
 /// The memory-server protocol, version 1 (docs/memserver-protocol.md).
 ///
 /// TCP, little-endian frames: header { magic u32 'FPM1', version u16, type u16,
@@ -118,42 +120,10 @@ public enum MemReply: Equatable, Sendable {
 
 // MARK: - Codec
 
-struct ByteReader {
-    let bytes: [UInt8]
-    var offset = 0
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
-    var remaining: Int { bytes.count - offset }
-    mutating func need(_ n: Int, _ what: String) throws(MemWireError) {
+extension LittleEndianReader {
+    fileprivate func need(_ n: Int, _ what: String) throws(MemWireError) {
         guard remaining >= n else { throw MemWireError("\(what): body too short") }
     }
-    mutating func u16() -> UInt16 {
-        defer { offset += 2 }
-        return UInt16(bytes[offset]) | UInt16(bytes[offset + 1]) << 8
-    }
-    mutating func u32() -> UInt32 {
-        var v: UInt32 = 0
-        for i in 0..<4 { v |= UInt32(bytes[offset + i]) << (8 * i) }
-        offset += 4
-        return v
-    }
-    mutating func u64() -> UInt64 {
-        var v: UInt64 = 0
-        for i in 0..<8 { v |= UInt64(bytes[offset + i]) << (8 * i) }
-        offset += 8
-        return v
-    }
-    mutating func raw(_ n: Int) -> [UInt8] {
-        defer { offset += n }
-        return Array(bytes[offset..<(offset + n)])
-    }
-}
-
-struct ByteWriter {
-    var bytes: [UInt8] = []
-    init(capacity: Int = 0) { bytes.reserveCapacity(capacity) }
-    mutating func u16(_ v: UInt16) { for i in 0..<2 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) } }
-    mutating func u32(_ v: UInt32) { for i in 0..<4 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) } }
-    mutating func u64(_ v: UInt64) { for i in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) } }
 }
 
 extension MemWire {
@@ -166,7 +136,7 @@ extension MemWire {
 
     /// A frame header alone, for a body sent separately (page data straight from its buffer).
     public static func header(_ type: MemMessageType, requestID: UInt64, bodyLength: Int, capacity: Int = headerSize) -> [UInt8] {
-        var w = ByteWriter(capacity: capacity)
+        var w = LittleEndianWriter(capacity: capacity)
         w.u32(magic)
         w.u16(version)
         w.u16(type.rawValue)
@@ -179,7 +149,7 @@ extension MemWire {
     /// A WRITE's header and fixed fields up to its page data (which follows, pages × 4096 bytes).
     public static func writePrefix(requestID: UInt64, leaseID: UInt64, offset: UInt64, checksums: [UInt64]) -> [UInt8] {
         let fixed = 20 + 8 * checksums.count
-        var w = ByteWriter(capacity: headerSize + fixed)
+        var w = LittleEndianWriter(capacity: headerSize + fixed)
         w.bytes = header(.write, requestID: requestID, bodyLength: fixed + pageSize * checksums.count, capacity: headerSize + fixed)
         w.u64(leaseID)
         w.u64(offset)
@@ -191,7 +161,7 @@ extension MemWire {
     /// A DATA reply's header and fixed fields up to its page data.
     public static func dataPrefix(requestID: UInt64, checksums: UnsafeBufferPointer<UInt64>) -> [UInt8] {
         let fixed = 4 + 8 * checksums.count
-        var w = ByteWriter(capacity: headerSize + fixed)
+        var w = LittleEndianWriter(capacity: headerSize + fixed)
         w.bytes = header(.data, requestID: requestID, bodyLength: fixed + pageSize * checksums.count, capacity: headerSize + fixed)
         w.u32(UInt32(checksums.count))
         for c in checksums { w.u64(c) }
@@ -200,7 +170,7 @@ extension MemWire {
 
     /// Little-endian u64 at `offset` of `bytes` (for callers parsing fixed fields themselves).
     public static func u64(_ bytes: [UInt8], at offset: Int) -> UInt64 {
-        var r = ByteReader(bytes)
+        var r = LittleEndianReader(bytes)
         r.offset = offset
         return r.u64()
     }
@@ -209,7 +179,7 @@ extension MemWire {
     /// cannot make us buffer more than `maxBody`.
     public static func decodeHeader(_ bytes: [UInt8]) throws(MemWireError) -> MemHeader {
         guard bytes.count == headerSize else { throw MemWireError("header must be \(headerSize) bytes") }
-        var r = ByteReader(bytes)
+        var r = LittleEndianReader(bytes)
         let m = r.u32()
         let v = r.u16()
         let t = r.u16()
@@ -223,7 +193,7 @@ extension MemWire {
     }
 
     public static func encode(_ request: MemRequest, requestID: UInt64) -> [UInt8] {
-        var w = ByteWriter()
+        var w = LittleEndianWriter()
         let type: MemMessageType
         switch request {
         case .hello(let agentID, let nonce, let name):
@@ -249,7 +219,7 @@ extension MemWire {
             w.u32(UInt32(pages))
         case .write(let id, let offset, let checksums, let data):
             type = .write
-            w = ByteWriter(capacity: 20 + checksums.count * 8 + data.count)
+            w = LittleEndianWriter(capacity: 20 + checksums.count * 8 + data.count)
             w.u64(id)
             w.u64(offset)
             w.u32(UInt32(checksums.count))
@@ -262,7 +232,7 @@ extension MemWire {
     }
 
     public static func decodeRequest(_ type: MemMessageType, body: [UInt8]) throws(MemWireError) -> MemRequest {
-        var r = ByteReader(body)
+        var r = LittleEndianReader(body)
         func exact(_ n: Int, _ what: String) throws(MemWireError) {
             guard body.count == n else { throw MemWireError("\(what) body must be \(n) bytes, got \(body.count)") }
         }
@@ -313,7 +283,7 @@ extension MemWire {
     }
 
     public static func encode(_ reply: MemReply, requestID: UInt64) -> [UInt8] {
-        var w = ByteWriter()
+        var w = LittleEndianWriter()
         let type: MemMessageType
         switch reply {
         case .ok: type = .ok
@@ -332,7 +302,7 @@ extension MemWire {
             for id in ids { w.u64(id) }
         case .data(let checksums, let data):
             type = .data
-            w = ByteWriter(capacity: 4 + checksums.count * 8 + data.count)
+            w = LittleEndianWriter(capacity: 4 + checksums.count * 8 + data.count)
             w.u32(UInt32(checksums.count))
             for c in checksums { w.u64(c) }
             w.bytes += data
@@ -357,7 +327,7 @@ extension MemWire {
     }
 
     public static func decodeReply(_ type: MemMessageType, body: [UInt8]) throws(MemWireError) -> MemReply {
-        var r = ByteReader(body)
+        var r = LittleEndianReader(body)
         switch type {
         case .ok:
             guard body.isEmpty else { throw MemWireError("OK with a body") }
