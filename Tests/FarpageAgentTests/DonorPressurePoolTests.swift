@@ -113,4 +113,34 @@ extension PoolTests {
         }
         #expect((try pool(agent).first { $0.address == "127.0.0.1:\(donor.port)" }?.reclaimingLeases ?? 0) == 0)
     }
+
+    /// Churn: four threads write and read random pages with version stamps (a tiny budget, so
+    /// nearly every access goes far) while the servers take turns asking for every lease back
+    /// and lending again. Leases move back and forth under the writes; not one may be lost.
+    @Test func leasesChurningBetweenServersUnderRandomWritesLoseNothing() throws {
+        let servers = try startServers(3)
+        let agent = try startAgent(servers, spill: "64MiB")
+        defer { agent.stop() }
+        let w = try workload(agent, ["--size", "24MiB", "--budget", "2MiB", "--mode", "random", "--threads", "4",
+                                     "--passes", "20000", "--seed", "77"])
+        var turns = 0
+        var k = 0
+        while w.0.isRunning {
+            let donor = servers[k % servers.count]
+            k += 1
+            guard (try? donor.admin(.init(op: .limit, bytes: 0)))?.ok == true else { continue }
+            usleep(400_000)
+            _ = try? donor.admin(.init(op: .limit))
+            usleep(100_000)
+            turns += 1
+        }
+        let (rc, _, out) = finish(w)
+        #expect(rc == 0 && out.contains("\"failures\":0"), "a write was lost while leases moved: \(out)")
+        #expect(turns >= 3, "the workload ended before the churn got going (\(turns) turns)")
+        let moved = agent.logText.components(separatedBy: "leases given back to the memory server").count - 1
+        print("churn: \(turns) turns, \(moved) reclaims completed")
+        #expect(moved >= 2, "leases never moved during the churn")
+        #expect(agent.logText.contains("memory server asks for leases back"))
+        #expect(!agent.logText.contains("poisoning"), "pages were poisoned during the churn")
+    }
 }
