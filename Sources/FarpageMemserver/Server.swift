@@ -275,50 +275,41 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
         send(context, reply, requestID: requestID)
     }
 
-    /// WRITE: validated as `MemWire.decodeRequest` does, then checksummed and copied into the
-    /// lease straight from the receive buffer.
+    /// WRITE: checked by `MemWire.pageFields`, then checksummed and copied into the lease
+    /// straight from the receive buffer.
     private func serveWrite(_ context: ChannelHandlerContext, agent: AgentID, header: MemHeader, body: ByteBuffer) {
-        let problem: String? = body.withUnsafeReadableBytes { raw -> String? in
-            guard raw.count >= 20 else { return "WRITE: body too short" }
-            let id = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
-            let offset = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
-            let pages = Int(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 16, as: UInt32.self)))
-            guard pages >= 1, pages <= MemWire.maxPagesPerIO else { return "WRITE of \(pages) pages (1...\(MemWire.maxPagesPerIO))" }
-            guard raw.count - 20 == pages * (8 + MemWire.pageSize) else {
-                return "WRITE of \(pages) pages needs \(pages * (8 + MemWire.pageSize)) bytes after its header, got \(raw.count - 20)"
-            }
-            let sums = (0..<pages).map { UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 20 + 8 * $0, as: UInt64.self)) }
-            let reply: MemReply
+        let outcome = body.withUnsafeReadableBytes { raw -> Result<MemReply, MemWireError> in
+            let f: (leaseID: UInt64, offset: UInt64, pages: Int)
+            do throws(MemWireError) { f = try MemWire.pageFields(.write, raw) } catch { return .failure(error) }
+            let sums = (0..<f.pages).map { UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 20 + 8 * $0, as: UInt64.self)) }
             do throws(LeaseError) {
-                try server.leases.write(owner: agent, leaseID: id, offset: offset, checksums: sums, data: raw.baseAddress! + 20 + 8 * pages)
-                reply = .ok
+                try server.leases.write(owner: agent, leaseID: f.leaseID, offset: f.offset, checksums: sums,
+                                        data: raw.baseAddress! + 20 + 8 * f.pages)
+                return .success(.ok)
             } catch {
-                if error.code == .corrupt { logger.warning("refused a corrupt write", metadata: ["fp.lease": "\(id)"]) }
-                reply = .error(code: error.code.rawValue, message: error.message)
+                if error.code == .corrupt { logger.warning("refused a corrupt write", metadata: ["fp.lease": "\(f.leaseID)"]) }
+                return .success(.error(code: error.code.rawValue, message: error.message))
             }
-            send(context, reply, requestID: header.requestID)
-            return nil
         }
-        if let problem { fail(context, .malformed, problem, requestID: header.requestID) }
+        switch outcome {
+        case .success(let reply): send(context, reply, requestID: header.requestID)
+        case .failure(let error): fail(context, .malformed, error.message, requestID: header.requestID)
+        }
     }
 
     /// READ: the reply is built in one buffer, the pages copied once, from the lease.
     private func serveRead(_ context: ChannelHandlerContext, agent: AgentID, header: MemHeader, body: ByteBuffer) {
-        guard body.readableBytes == 20,
-            let id = body.getInteger(at: body.readerIndex, endianness: .little, as: UInt64.self),
-            let offset = body.getInteger(at: body.readerIndex + 8, endianness: .little, as: UInt64.self),
-            let count = body.getInteger(at: body.readerIndex + 16, endianness: .little, as: UInt32.self)
-        else { return fail(context, .malformed, "READ body must be 20 bytes, got \(body.readableBytes)", requestID: header.requestID) }
-        let pages = Int(count)
-        guard pages >= 1, pages <= MemWire.maxPagesPerIO else {
-            return fail(context, .malformed, "READ of \(pages) pages (1...\(MemWire.maxPagesPerIO))", requestID: header.requestID)
+        let parsed = body.withUnsafeReadableBytes { raw in Result { () throws(MemWireError) in try MemWire.pageFields(.read, raw) } }
+        guard case .success(let f) = parsed else {
+            if case .failure(let error) = parsed { fail(context, .malformed, error.message, requestID: header.requestID) }
+            return
         }
         do {
-            let buffer = try server.leases.read(owner: agent, leaseID: id, offset: offset, pages: pages) { sums, data -> ByteBuffer in
+            let buffer = try server.leases.read(owner: agent, leaseID: f.leaseID, offset: f.offset, pages: f.pages) { sums, data -> ByteBuffer in
                 let prefix = MemWire.dataPrefix(requestID: header.requestID, checksums: sums)
-                var b = context.channel.allocator.buffer(capacity: prefix.count + pages * MemWire.pageSize)
+                var b = context.channel.allocator.buffer(capacity: prefix.count + f.pages * MemWire.pageSize)
                 b.writeBytes(prefix)
-                b.writeBytes(UnsafeRawBufferPointer(start: data, count: pages * MemWire.pageSize))
+                b.writeBytes(UnsafeRawBufferPointer(start: data, count: f.pages * MemWire.pageSize))
                 return b
             }
             context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)

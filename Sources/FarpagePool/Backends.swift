@@ -120,12 +120,23 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
         throws(TransportError)
     {
         let sums = try withConnection { c throws(TransportError) in try c.readPages(leaseID: id, offset: offset, pages: pages, into: into) }
-        var computed = [UInt64](repeating: 0, count: pages)
-        fp_checksum_pages(into, MemWire.pageSize, pages, &computed)
-        for i in 0..<pages where computed[i] != sums[i] {
-            if allowUnwritten && sums[i] == 0 && isZero(into + i * MemWire.pageSize) { continue }
-            throw TransportError(.corrupt, "\(name): page \(i) of lease \(id) at offset \(offset) does not match its checksum")
+        if let error = verify(lease: id, offset: offset, pages: pages, at: into, against: sums, allowUnwritten: allowUnwritten) {
+            throw error
         }
+    }
+
+    /// Checks received pages against the checksums the server stored. With `allowUnwritten`, a
+    /// slot never written (stored checksum 0, zero data) passes.
+    private func verify(lease id: UInt64, offset: UInt64, pages: Int, at data: UnsafeRawPointer, against sums: [UInt64],
+                        allowUnwritten: Bool) -> TransportError?
+    {
+        var computed = [UInt64](repeating: 0, count: pages)
+        fp_checksum_pages(data, MemWire.pageSize, pages, &computed)
+        for i in 0..<pages where computed[i] != sums[i] {
+            if allowUnwritten && sums[i] == 0 && isZero(data + i * MemWire.pageSize) { continue }
+            return TransportError(.corrupt, "\(name): page \(i) of lease \(id) at offset \(Int(offset) + i * MemWire.pageSize) does not match its checksum")
+        }
+        return nil
     }
 
     /// Reads several runs of one lease with one round trip's wait: `each(j, error)` runs as
@@ -138,12 +149,7 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
             try c.readPipelined(leaseID: id, runs: runs) { j, sums, error in
                 if let error { return each(j, error) }
                 let run = runs[j]
-                var computed = [UInt64](repeating: 0, count: run.pages)
-                fp_checksum_pages(run.into, MemWire.pageSize, run.pages, &computed)
-                if let bad = (0..<run.pages).first(where: { computed[$0] != sums[$0] }) {
-                    return each(j, TransportError(.corrupt, "\(name): page \(bad) of lease \(id) at offset \(Int(run.offset) + bad * MemWire.pageSize) does not match its checksum"))
-                }
-                each(j, nil)
+                each(j, verify(lease: id, offset: run.offset, pages: run.pages, at: run.into, against: sums, allowUnwritten: false))
             }
         }
     }

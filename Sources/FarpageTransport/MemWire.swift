@@ -168,12 +168,6 @@ extension MemWire {
         return w.bytes
     }
 
-    /// Little-endian u64 at `offset` of `bytes` (for callers parsing fixed fields themselves).
-    public static func u64(_ bytes: [UInt8], at offset: Int) -> UInt64 {
-        var r = LittleEndianReader(bytes)
-        r.offset = offset
-        return r.u64()
-    }
 
     /// Validates a header (exactly `headerSize` bytes) before its body is read, so a peer
     /// cannot make us buffer more than `maxBody`.
@@ -231,6 +225,30 @@ extension MemWire {
         return frame(type, requestID: requestID, body: w.bytes)
     }
 
+    /// The fixed fields of a READ or WRITE body, checked: 1 to 256 pages, a READ body of
+    /// exactly 20 bytes, a WRITE body of exactly 20 + pages × (8 + 4096). The memory server
+    /// parses page traffic in place with this; `decodeRequest` uses it too.
+    public static func pageFields(_ type: MemMessageType, _ body: UnsafeRawBufferPointer) throws(MemWireError)
+        -> (leaseID: UInt64, offset: UInt64, pages: Int)
+    {
+        let name = type == .read ? "READ" : "WRITE"
+        guard body.count >= 20, type != .read || body.count == 20 else {
+            throw MemWireError("\(name) body must be \(type == .read ? "" : "at least ")20 bytes, got \(body.count)")
+        }
+        let id = UInt64(littleEndian: body.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
+        let offset = UInt64(littleEndian: body.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+        let pages = Int(UInt32(littleEndian: body.loadUnaligned(fromByteOffset: 16, as: UInt32.self)))
+        guard pages >= 1, pages <= maxPagesPerIO else { throw MemWireError("\(name) of \(pages) pages (1...\(maxPagesPerIO))") }
+        if type == .write, body.count - 20 != pages * (8 + pageSize) {
+            throw MemWireError("WRITE of \(pages) pages needs \(pages * (8 + pageSize)) bytes after its header, got \(body.count - 20)")
+        }
+        return (id, offset, pages)
+    }
+
+    static func pageFields(_ type: MemMessageType, _ body: [UInt8]) throws(MemWireError) -> (leaseID: UInt64, offset: UInt64, pages: Int) {
+        try body.withUnsafeBytes { raw in Result { () throws(MemWireError) in try pageFields(type, raw) } }.get()
+    }
+
     public static func decodeRequest(_ type: MemMessageType, body: [UInt8]) throws(MemWireError) -> MemRequest {
         var r = LittleEndianReader(body)
         func exact(_ n: Int, _ what: String) throws(MemWireError) {
@@ -254,23 +272,13 @@ extension MemWire {
             try exact(8, "LEASE_FREE")
             return .leaseFree(leaseID: r.u64())
         case .read:
-            try exact(20, "READ")
-            let id = r.u64()
-            let offset = r.u64()
-            let pages = Int(r.u32())
-            guard pages >= 1, pages <= maxPagesPerIO else { throw MemWireError("READ of \(pages) pages (1...\(maxPagesPerIO))") }
-            return .read(leaseID: id, offset: offset, pages: pages)
+            let f = try pageFields(.read, body)
+            return .read(leaseID: f.leaseID, offset: f.offset, pages: f.pages)
         case .write:
-            try r.need(20, "WRITE")
-            let id = r.u64()
-            let offset = r.u64()
-            let pages = Int(r.u32())
-            guard pages >= 1, pages <= maxPagesPerIO else { throw MemWireError("WRITE of \(pages) pages (1...\(maxPagesPerIO))") }
-            guard r.remaining == pages * (8 + pageSize) else {
-                throw MemWireError("WRITE of \(pages) pages needs \(pages * (8 + pageSize)) bytes after its header, got \(r.remaining)")
-            }
-            let checksums = (0..<pages).map { _ in r.u64() }
-            return .write(leaseID: id, offset: offset, checksums: checksums, data: r.raw(pages * pageSize))
+            let f = try pageFields(.write, body)
+            r.offset = 20
+            let checksums = (0..<f.pages).map { _ in r.u64() }
+            return .write(leaseID: f.leaseID, offset: f.offset, checksums: checksums, data: r.raw(f.pages * pageSize))
         case .ping:
             try exact(0, "PING")
             return .ping

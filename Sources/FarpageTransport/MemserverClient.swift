@@ -1,4 +1,5 @@
 import FarpageKernel
+import FarpageProtocol
 
 /// Why talking to a memory server failed.
 public struct TransportError: Error, CustomStringConvertible, Sendable, Equatable {
@@ -83,22 +84,33 @@ public final class MemserverClient: @unchecked Sendable {
     /// servers on other hosts, where a round trip is shorter than a wake-up.
     public static let replySpinMicroseconds: Int32 = 0
 
-    static func readReply(_ stream: TCPStream) throws(TransportError) -> (UInt64, MemReply) {
-        let headerBytes: [UInt8]
-        do { headerBytes = try stream.receive(exactly: MemWire.headerSize, spinMicroseconds: replySpinMicroseconds) } catch {
+    static func readHeader(_ stream: TCPStream) throws(TransportError) -> MemHeader {
+        let bytes: [UInt8]
+        do { bytes = try stream.receive(exactly: MemWire.headerSize, spinMicroseconds: replySpinMicroseconds) } catch {
             throw TransportError(.unreachable, "reading from the memory server failed: \(error)")
         }
-        let header: MemHeader
-        do { header = try MemWire.decodeHeader(headerBytes) } catch {
+        do { return try MemWire.decodeHeader(bytes) } catch {
             throw TransportError(.protocolViolation, "bad frame from the memory server: \(error)")
         }
-        let body: [UInt8]
-        do { body = try stream.receive(exactly: header.bodyLength) } catch {
+    }
+
+    static func readBytes(_ stream: TCPStream, _ n: Int) throws(TransportError) -> [UInt8] {
+        do { return try stream.receive(exactly: n) } catch {
             throw TransportError(.unreachable, "reading from the memory server failed: \(error)")
         }
-        do { return (header.requestID, try MemWire.decodeReply(header.type, body: body)) } catch {
+    }
+
+    /// The body of a frame whose header was read, decoded as a reply.
+    static func readReply(_ stream: TCPStream, _ header: MemHeader) throws(TransportError) -> MemReply {
+        let body = try readBytes(stream, header.bodyLength)
+        do { return try MemWire.decodeReply(header.type, body: body) } catch {
             throw TransportError(.protocolViolation, "bad reply from the memory server: \(error)")
         }
+    }
+
+    static func readReply(_ stream: TCPStream) throws(TransportError) -> (UInt64, MemReply) {
+        let header = try readHeader(stream)
+        return (header.requestID, try readReply(stream, header))
     }
 
     /// Sends a request without waiting; returns its id.
@@ -116,14 +128,15 @@ public final class MemserverClient: @unchecked Sendable {
 
     /// One request, one reply. ERROR replies become `TransportError.refused`.
     public func call(_ request: MemRequest) throws(TransportError) -> MemReply {
-        let id = try send(request)
+        try reply(to: try send(request))
+    }
+
+    /// The reply to request `id` (replies to others are skipped); ERROR becomes a `TransportError`.
+    private func reply(to id: UInt64) throws(TransportError) -> MemReply {
         while true {
             let (rid, reply) = try receive()
             guard rid == id else { continue }
-            if case .error(let code, let message) = reply {
-                throw TransportError(code == MemErrorCode.corrupt.rawValue ? .corrupt : .refused(code: code),
-                                     "\(host):\(port): \(message)")
-            }
+            if case .error = reply { throw Self.failure(reply, host: host, port: port, what: "a request") }
             return reply
         }
     }
@@ -181,9 +194,9 @@ public final class MemserverClient: @unchecked Sendable {
     /// The DATA reply to `requestID`, its pages received into `into`.
     private func receivePages(requestID id: UInt64, pages: Int, into: UnsafeMutableRawPointer) throws(TransportError) -> [UInt64] {
         while true {
-            let header = try receiveHeader()
+            let header = try Self.readHeader(stream)
             guard header.requestID == id else {
-                try discard(header.bodyLength)
+                _ = try Self.readBytes(stream, header.bodyLength)
                 continue
             }
             switch header.type {
@@ -192,21 +205,16 @@ public final class MemserverClient: @unchecked Sendable {
                 guard header.bodyLength == fixed + pages * MemWire.pageSize else {
                     throw TransportError(.protocolViolation, "\(host):\(port) answered READ of \(pages) pages with \(header.bodyLength) bytes")
                 }
-                let head = try receiveBytes(fixed)
-                let count = Int(UInt32(head[0]) | UInt32(head[1]) << 8 | UInt32(head[2]) << 16 | UInt32(head[3]) << 24)
+                var head = LittleEndianReader(try Self.readBytes(stream, fixed))
+                let count = Int(head.u32())
                 guard count == pages else { throw TransportError(.protocolViolation, "\(host):\(port): DATA count \(count) for \(pages) pages") }
-                let sums = (0..<pages).map { MemWire.u64(head, at: 4 + 8 * $0) }
+                let sums = (0..<pages).map { _ in head.u64() }
                 do { try stream.receive(into: into, count: pages * MemWire.pageSize) } catch {
                     throw TransportError(.unreachable, "reading from the memory server failed: \(error)")
                 }
                 return sums
             default:
-                let body = try receiveBytes(header.bodyLength)
-                let reply: MemReply
-                do { reply = try MemWire.decodeReply(header.type, body: body) } catch {
-                    throw TransportError(.protocolViolation, "bad reply from the memory server: \(error)")
-                }
-                throw Self.failure(reply, host: host, port: port, what: "READ")
+                throw Self.failure(try Self.readReply(stream, header), host: host, port: port, what: "READ")
             }
         }
     }
@@ -219,31 +227,9 @@ public final class MemserverClient: @unchecked Sendable {
         do { try stream.send(prefix, then: from, count: checksums.count * MemWire.pageSize) } catch {
             throw TransportError(.unreachable, "sending to \(host):\(port) failed: \(error)")
         }
-        while true {
-            let (rid, reply) = try receive()
-            guard rid == id else { continue }
-            if case .ok = reply { return }
-            throw Self.failure(reply, host: host, port: port, what: "WRITE")
-        }
+        let answer = try reply(to: id)
+        guard case .ok = answer else { throw Self.failure(answer, host: host, port: port, what: "WRITE") }
     }
-
-    private func receiveHeader() throws(TransportError) -> MemHeader {
-        let bytes: [UInt8]
-        do { bytes = try stream.receive(exactly: MemWire.headerSize, spinMicroseconds: Self.replySpinMicroseconds) } catch {
-            throw TransportError(.unreachable, "reading from the memory server failed: \(error)")
-        }
-        do { return try MemWire.decodeHeader(bytes) } catch {
-            throw TransportError(.protocolViolation, "bad frame from the memory server: \(error)")
-        }
-    }
-
-    private func receiveBytes(_ n: Int) throws(TransportError) -> [UInt8] {
-        do { return try stream.receive(exactly: n) } catch {
-            throw TransportError(.unreachable, "reading from the memory server failed: \(error)")
-        }
-    }
-
-    private func discard(_ n: Int) throws(TransportError) { _ = try receiveBytes(n) }
 
     /// The error for a reply that is not the one expected: ERROR codes become `refused` (or
     /// `corrupt`), anything else is a protocol violation.
