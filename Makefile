@@ -2,15 +2,18 @@
 # `make demo` and `make test` work as root on a fresh Debian 12 machine with the
 # Swift 6 toolchain on PATH: they install the Debian packages they need first.
 
+SHELL := /bin/bash
 SWIFT ?= swift
 CC ?= cc
 PREFIX ?= /usr/local
 RELEASE := .build/release
 DEBUG := .build/debug
-DEB_PACKAGES := liburing-dev libibverbs-dev librdmacm-dev libxxhash-dev pkg-config util-linux
+DEB_PACKAGES := liburing-dev libibverbs-dev librdmacm-dev libxxhash-dev pkg-config util-linux python3-numpy
 CFLAGS_LIB := -O2 -g -Wall -Wextra -Werror -fPIC -fvisibility=hidden -D_GNU_SOURCE \
-	-ISources/CFarpageClient/include -ISources/CFarpageKernel/include
-LIB_SOURCES := Sources/CFarpageClient/farpage.c Sources/CFarpageKernel/fp_kernel.c
+	-ISources/CFarpageClient/include -ISources/CFarpageClient -ISources/CFarpageKernel/include
+LIB_SOURCES := Sources/CFarpageClient/farpage.c Sources/CFarpageKernel/fp_kernel.c Shim/farpage_preload.c
+LIB_HEADERS := Sources/CFarpageClient/include/farpage.h Sources/CFarpageClient/farpage_wire.h \
+	Sources/CFarpageClient/farpage_internal.h Sources/CFarpageKernel/include/fp_kernel.h
 
 # Swift lives outside Debian's packages; /opt/swift is where our machines keep it.
 export PATH := $(PATH):/opt/swift/usr/bin
@@ -35,11 +38,18 @@ deps:
 build: deps
 	$(SWIFT) build -c release --static-swift-stdlib
 
-lib: $(RELEASE)/libfarpage.so
+lib: $(RELEASE)/libfarpage.so $(RELEASE)/fp-shim-exercise
 
-$(RELEASE)/libfarpage.so: $(LIB_SOURCES) Sources/CFarpageClient/include/farpage.h Sources/CFarpageClient/farpage_wire.h Sources/CFarpageKernel/include/fp_kernel.h
+# libfarpage.so: the C API and the LD_PRELOAD shim. Exports only farpage_* and the
+# interposed symbols (everything else is hidden).
+$(RELEASE)/libfarpage.so: $(LIB_SOURCES) $(LIB_HEADERS)
 	@mkdir -p $(RELEASE)
-	$(CC) $(CFLAGS_LIB) -shared -Wl,-soname,libfarpage.so.1 -o $@ $(LIB_SOURCES) -lpthread
+	$(CC) $(CFLAGS_LIB) -shared -Wl,-soname,libfarpage.so.1 -o $@ $(LIB_SOURCES) -lpthread -ldl
+
+# The shim's test program: every interposed function, run with and without LD_PRELOAD.
+$(RELEASE)/fp-shim-exercise: Tests/Shim/shim_exercise.c Sources/CFarpageClient/include/farpage.h
+	@mkdir -p $(RELEASE)
+	$(CC) -O1 -g -Wall -Wextra -Werror -D_GNU_SOURCE -ISources/CFarpageClient/include -o $@ $< -lpthread -ldl
 
 demo: build lib
 	scripts/demo.sh $(RELEASE)
@@ -47,8 +57,11 @@ demo: build lib
 test: deps
 	$(SWIFT) build --build-tests
 	$(MAKE) lib
-	FARPAGE_BIN_DIR=$(CURDIR)/$(DEBUG) FARPAGE_LIB=$(CURDIR)/$(RELEASE)/libfarpage.so \
-	  $(SWIFT) test --skip-build --parallel --num-workers 1
+	@mkdir -p .build
+	@set -o pipefail; FARPAGE_BIN_DIR=$(CURDIR)/$(DEBUG) FARPAGE_LIB=$(CURDIR)/$(RELEASE)/libfarpage.so \
+	  $(SWIFT) test --skip-build --parallel --num-workers 1 2>&1 | tee .build/test.log || { \
+	  echo; echo "==== failed tests (full log: .build/test.log) ===="; \
+	  grep -E '✘|error:|Fatal error|signal' .build/test.log | grep -v 'passed after' | head -60; exit 1; }
 
 bench: build lib
 	Benchmarks/run.sh $(RELEASE)

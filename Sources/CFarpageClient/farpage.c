@@ -4,6 +4,7 @@
 #define _GNU_SOURCE
 #endif
 #include "farpage.h"
+#include "farpage_internal.h"
 #include "farpage_wire.h"
 #include "fp_kernel.h"
 
@@ -13,29 +14,86 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define FP_EXPORT __attribute__((visibility("default")))
 /* Largest reply a request of ours can get: an ERROR with its text (<= 1024 bytes) or STATS. */
 #define FP_REPLY_MAX 2048
 
+/* A still-mapped piece of a region, [start, end): partial munmap() splits a region. */
+struct fp_piece {
+    uintptr_t start, end;
+};
+
 struct fp_region {
     struct fp_region *next;
     uintptr_t address;
     uint64_t length;
-    uint64_t id;
+    uint64_t id;     /* the agent's id: of the region, or of this process's view of it */
+    uint64_t source; /* the region whose pages these are (== id unless a view) */
     int memfd;
     int uffd;
+    int origin; /* FP_ORIGIN_* */
+    int view;   /* a forked child's private view of its parent's region (see fp_atfork_child) */
+    int npieces;
+    struct fp_piece pieces[8]; /* mapped parts; more splits than this are refused (EINVAL) */
 };
 
 static pthread_mutex_t fp_lock = PTHREAD_MUTEX_INITIALIZER;
 static int fp_sock = -1;
 static uint32_t fp_next_request = 1;
 static struct fp_region *fp_regions;
-static int fp_atfork_installed;
+static pthread_once_t fp_atfork_once = PTHREAD_ONCE_INIT;
 static uint64_t fp_kernel_features;
 static int fp_kernel_probed;
-static __thread char fp_error[512];
+static __thread char fp_error[512] __attribute__((tls_model("initial-exec")));
+/* Lock-free filter over region start addresses: a count per hash of the page number.
+ * Zero means "certainly not a region"; free() of small blocks never takes the lock. */
+#define FP_FILTER_SIZE 4096
+static uint16_t fp_filter[FP_FILTER_SIZE];
+static unsigned fp_live; /* regions and views linked, for lock-free "none" answers */
+
+static inline unsigned fp_filter_slot(uintptr_t a) { return (unsigned)((a >> 12) ^ (a >> 24)) & (FP_FILTER_SIZE - 1); }
+
+FP_HIDDEN int fp_region_maybe(const void *addr) {
+    uintptr_t a = (uintptr_t)addr;
+    if (a & 4095) return 0;
+    return __atomic_load_n(&fp_filter[fp_filter_slot(a)], __ATOMIC_RELAXED) != 0;
+}
+
+/* Called with fp_lock held. */
+static void fp_link_locked(struct fp_region *r) {
+    r->next = fp_regions;
+    fp_regions = r;
+    __atomic_add_fetch(&fp_filter[fp_filter_slot(r->address)], 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&fp_live, 1, __ATOMIC_RELAXED);
+}
+
+/* Called with fp_lock held. */
+static void fp_unlink_locked(struct fp_region *r) {
+    for (struct fp_region **pp = &fp_regions; *pp; pp = &(*pp)->next) {
+        if (*pp == r) {
+            *pp = r->next;
+            __atomic_sub_fetch(&fp_filter[fp_filter_slot(r->address)], 1, __ATOMIC_RELAXED);
+            __atomic_sub_fetch(&fp_live, 1, __ATOMIC_RELAXED);
+            return;
+        }
+    }
+}
+
+static unsigned fp_warned;
+FP_HIDDEN void fp_warn_once(int key, const char *message) {
+    unsigned bit = 1u << (key & 31);
+    if (__atomic_fetch_or(&fp_warned, bit, __ATOMIC_RELAXED) & bit) return;
+    char line[768];
+    int n = snprintf(line, sizeof(line), "%s\n", message);
+    if (n > 0) {
+        ssize_t w = write(2, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);
+        (void)w;
+    }
+}
 
 static void fp_set_error(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void fp_set_error(int err, const char *fmt, ...) {
@@ -53,30 +111,22 @@ static const char *fp_socket_path(void) {
     return (p && *p) ? p : FARPAGE_DEFAULT_SOCKET;
 }
 
-/* A forked child shares nothing with the agent: regions are MADV_DONTFORK, so
- * they are not mapped in the child; drop the parent's bookkeeping and fds. */
-static void fp_atfork_child(void) {
-    struct fp_region *r = fp_regions;
-    while (r) {
-        struct fp_region *next = r->next;
-        close(r->memfd);
-        close(r->uffd);
-        free(r);
-        r = next;
-    }
-    fp_regions = NULL;
-    if (fp_sock >= 0) close(fp_sock);
-    fp_sock = -1;
-    pthread_mutex_init(&fp_lock, NULL);
-}
+/* Fork. Regions are MADV_DONTFORK: a child's copy of a shared mapping that no uffd serves
+ * would fill evicted pages of the memfd with zeros, corrupting the parent. Instead, the
+ * child maps each region privately (MAP_PRIVATE of the same memfd, at the same address),
+ * registers that mapping with a uffd of its own and hands it to the agent as a view:
+ * pages the parent holds resident are shared until the child writes them (copy on write,
+ * by the kernel), far pages are fetched into the child's private copy, and nothing the
+ * child does reaches the memfd. See docs/decisions.md ("Fork"). */
+static void fp_atfork_prepare(void) { pthread_mutex_lock(&fp_lock); }
+static void fp_atfork_parent(void) { pthread_mutex_unlock(&fp_lock); }
+static void fp_atfork_child(void);
+static void fp_install_atfork(void) { pthread_atfork(fp_atfork_prepare, fp_atfork_parent, fp_atfork_child); }
 
 /* Called with fp_lock held. */
 static int fp_connect_locked(void) {
     if (fp_sock >= 0) return 0;
-    if (!fp_atfork_installed) {
-        pthread_atfork(NULL, NULL, fp_atfork_child);
-        fp_atfork_installed = 1;
-    }
+    pthread_once(&fp_atfork_once, fp_install_atfork);
     const char *path = fp_socket_path();
     int fd = fp_unix_connect(path);
     if (fd < 0) {
@@ -192,6 +242,90 @@ static void fp_uffd_error(int e) {
         fp_set_error(e, "farpage: creating a userfaultfd failed: %s", strerror(e));
 }
 
+/* Called with fp_lock held; unmaps a node's pieces. */
+static void fp_unmap_pieces(struct fp_region *r) {
+    for (int i = 0; i < r->npieces; i++) syscall(SYS_munmap, (void *)r->pieces[i].start, r->pieces[i].end - r->pieces[i].start);
+}
+
+/* In the child of fork(): every region becomes a view (see above). A region whose view
+ * cannot be set up stays unmapped in the child, which gets SIGSEGV if it touches it. */
+static void fp_atfork_child(void) {
+    pthread_mutex_init(&fp_lock, NULL);
+    /* The parent's connection: its regions are the parent's; the child gets its own. */
+    if (fp_sock >= 0) close(fp_sock);
+    fp_sock = -1;
+    struct fp_region *list = fp_regions;
+    fp_regions = NULL;
+    memset(fp_filter, 0, sizeof(fp_filter));
+    fp_live = 0;
+    int failed = 0, first_error = 0;
+    while (list) {
+        struct fp_region *r = list;
+        list = r->next;
+        close(r->uffd); /* the parent's uffd: the child's copy serves nothing */
+        r->uffd = -1;
+        int ok = 1;
+        for (int i = 0; i < r->npieces && ok; i++) {
+            void *want = (void *)r->pieces[i].start;
+            size_t len = r->pieces[i].end - r->pieces[i].start;
+            void *p = (void *)syscall(SYS_mmap, want, len, PROT_READ | PROT_WRITE,
+                                      MAP_PRIVATE | MAP_FIXED_NOREPLACE | MAP_NORESERVE, r->memfd,
+                                      (off_t)(r->pieces[i].start - r->address));
+            if (p != want) {
+                if ((uintptr_t)p < (uintptr_t)-4096) syscall(SYS_munmap, p, len);
+                r->npieces = i;
+                ok = 0;
+                break;
+            }
+            /* A grandchild must not inherit an unserved mapping either. */
+            syscall(SYS_madvise, want, len, MADV_DONTFORK);
+        }
+        int via = 0, uffd = ok ? fp_uffd_open(1, &via) : -1;
+        uint64_t features = 0, ioctls = 0;
+        if (ok && (uffd < 0 || fp_uffd_api(uffd, FP_UFFD_FEATURE_MISSING_SHMEM, &features, &ioctls) < 0)) ok = 0;
+        for (int i = 0; i < r->npieces && ok; i++)
+            if (fp_uffd_register(uffd, r->pieces[i].start, r->pieces[i].end - r->pieces[i].start,
+                                 FP_UFFD_REGISTER_MISSING, &ioctls) < 0)
+                ok = 0;
+        if (ok) {
+            struct fpw_register_view body = {r->source, r->address, r->length};
+            int fds[2] = {r->memfd, uffd};
+            unsigned char reply[FP_REPLY_MAX];
+            int64_t n = fp_call_locked(FPW_REGISTER_VIEW, &body, sizeof(body), fds, 2, reply, sizeof(reply));
+            if (n < 0) {
+                ok = 0;
+                if (!first_error) first_error = errno;
+            } else {
+                struct fpw_ok v = {0, 0};
+                if (n >= (int64_t)(sizeof(struct fpw_header) + sizeof(v)))
+                    memcpy(&v, reply + sizeof(struct fpw_header), sizeof(v));
+                r->id = v.value;
+            }
+        }
+        if (!ok) {
+            /* Nobody would serve this mapping's faults: unmapped, it faults with SIGSEGV
+             * instead of reading zeros into the parent's pages. */
+            fp_unmap_pieces(r);
+            if (uffd >= 0) close(uffd);
+            close(r->memfd);
+            free(r);
+            failed++;
+            continue;
+        }
+        r->uffd = uffd;
+        r->view = 1;
+        fp_link_locked(r);
+    }
+    if (failed) {
+        char line[700];
+        snprintf(line, sizeof(line),
+                 "farpage: warning: this forked child cannot see %d far-memory region(s) of its parent "
+                 "(%s); touching them raises SIGSEGV. %s",
+                 failed, first_error ? strerror(first_error) : "userfaultfd or mmap failed", farpage_last_error());
+        fp_warn_once(30, line);
+    }
+}
+
 FP_EXPORT void *farpage_alloc(size_t size, int flags) {
     if (flags != 0) {
         fp_set_error(EINVAL, "farpage_alloc: flags must be 0");
@@ -200,23 +334,42 @@ FP_EXPORT void *farpage_alloc(size_t size, int flags) {
     return farpage_alloc_ex(size, NULL);
 }
 
-FP_EXPORT void *farpage_alloc_ex(size_t size, const struct farpage_options *options) {
+/* Maps the memfd shared at an address aligned to `align`: over-reserve, then map in place. */
+static void *fp_map_aligned(int memfd, uint64_t length, size_t align, int *err) {
+    size_t page = (size_t)fp_page_size();
+    if (align <= page) return fp_map_shared(memfd, length, err);
+    uint64_t span = length + align;
+    void *reserve = (void *)syscall(SYS_mmap, NULL, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if ((uintptr_t)reserve >= (uintptr_t)-4096) {
+        *err = -(int)(intptr_t)reserve;
+        return NULL;
+    }
+    uintptr_t start = ((uintptr_t)reserve + align - 1) & ~(uintptr_t)(align - 1);
+    void *p = (void *)syscall(SYS_mmap, (void *)start, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, memfd, 0);
+    if ((uintptr_t)p >= (uintptr_t)-4096) {
+        *err = -(int)(intptr_t)p;
+        syscall(SYS_munmap, reserve, span);
+        return NULL;
+    }
+    if (start > (uintptr_t)reserve) syscall(SYS_munmap, reserve, start - (uintptr_t)reserve);
+    uintptr_t end = start + length, reserve_end = (uintptr_t)reserve + span;
+    if (reserve_end > end) syscall(SYS_munmap, (void *)end, reserve_end - end);
+    return p;
+}
+
+static void *fp_create(size_t size, size_t align, const struct farpage_options *options, int origin) {
     uint64_t page = (uint64_t)fp_page_size();
     if (size == 0) {
         fp_set_error(EINVAL, "farpage_alloc: size must be greater than zero");
         return NULL;
     }
-    if (options && options->struct_size < sizeof(size_t) + sizeof(uint64_t)) {
-        fp_set_error(EINVAL, "farpage_alloc_ex: options->struct_size must be sizeof(struct farpage_options)");
-        return NULL;
-    }
-    if (options && options->flags != 0) {
-        fp_set_error(EINVAL, "farpage_alloc_ex: options->flags must be 0");
+    if (align & (align - 1)) {
+        fp_set_error(EINVAL, "farpage: alignment %zu is not a power of two", align);
         return NULL;
     }
     uint64_t length = ((uint64_t)size + page - 1) / page * page;
-    if (length < size) {
-        fp_set_error(EINVAL, "farpage_alloc: size too large");
+    if (length < size || length > ((uint64_t)1 << 56)) {
+        fp_set_error(ENOMEM, "farpage_alloc: size too large");
         return NULL;
     }
     int memfd = -1, uffd = -1, via = 0;
@@ -239,7 +392,7 @@ FP_EXPORT void *farpage_alloc_ex(size_t size, const struct farpage_options *opti
         goto fail;
     }
     int err = 0;
-    addr = fp_map_shared(memfd, length, &err);
+    addr = fp_map_aligned(memfd, length, align, &err);
     if (!addr) {
         fp_set_error(err == ENOMEM ? ENOMEM : err, "farpage: mapping %llu bytes failed: %s",
                      (unsigned long long)length, strerror(err));
@@ -288,34 +441,38 @@ FP_EXPORT void *farpage_alloc_ex(size_t size, const struct farpage_options *opti
     if (options && options->name) strncpy(body.name, options->name, sizeof(body.name) - 1);
     int fds[2] = {memfd, uffd};
     unsigned char reply[FP_REPLY_MAX];
+    struct fp_region *reg = calloc(1, sizeof(*reg));
+    if (!reg) {
+        fp_set_error(ENOMEM, "farpage: out of memory");
+        goto fail;
+    }
 
     pthread_mutex_lock(&fp_lock);
     int64_t n = fp_call_locked(FPW_REGISTER, &body, sizeof(body), fds, 2, reply, sizeof(reply));
     if (n < 0) {
         pthread_mutex_unlock(&fp_lock);
+        free(reg);
         goto fail;
     }
     struct fpw_ok ok = {0, 0};
     if (n >= (int64_t)(sizeof(struct fpw_header) + sizeof(ok))) memcpy(&ok, reply + sizeof(struct fpw_header), sizeof(ok));
-    struct fp_region *reg = calloc(1, sizeof(*reg));
-    if (!reg) {
-        pthread_mutex_unlock(&fp_lock);
-        fp_set_error(ENOMEM, "farpage: out of memory");
-        goto fail;
-    }
     reg->address = (uintptr_t)addr;
     reg->length = length;
     reg->id = ok.value;
+    reg->source = ok.value;
     reg->memfd = memfd;
     reg->uffd = uffd;
-    reg->next = fp_regions;
-    fp_regions = reg;
+    reg->origin = origin;
+    reg->npieces = 1;
+    reg->pieces[0].start = reg->address;
+    reg->pieces[0].end = reg->address + length;
+    fp_link_locked(reg);
     pthread_mutex_unlock(&fp_lock);
     return addr;
 
 fail : {
     int saved = errno;
-    if (addr) fp_unmap(addr, length);
+    if (addr) syscall(SYS_munmap, addr, length);
     if (uffd >= 0) fp_close(uffd);
     if (memfd >= 0) fp_close(memfd);
     errno = saved;
@@ -323,46 +480,77 @@ fail : {
 }
 }
 
-/* Called with fp_lock held. */
-static struct fp_region *fp_find_locked(uintptr_t address, uint64_t len, struct fp_region ***link) {
-    struct fp_region **pp = &fp_regions;
-    for (struct fp_region *r = fp_regions; r; pp = &r->next, r = r->next) {
-        if (address >= r->address && address - r->address < r->length && len <= r->length - (address - r->address)) {
-            if (link) *link = pp;
+FP_EXPORT void *farpage_alloc_ex(size_t size, const struct farpage_options *options) {
+    if (options && options->struct_size < sizeof(size_t) + sizeof(uint64_t)) {
+        fp_set_error(EINVAL, "farpage_alloc_ex: options->struct_size must be sizeof(struct farpage_options)");
+        return NULL;
+    }
+    if (options && options->flags != 0) {
+        fp_set_error(EINVAL, "farpage_alloc_ex: options->flags must be 0");
+        return NULL;
+    }
+    return fp_create(size, 0, options, FP_ORIGIN_API);
+}
+
+FP_HIDDEN void *fp_region_create(size_t size, size_t align, const char *name, int origin) {
+    struct farpage_options o;
+    memset(&o, 0, sizeof(o));
+    o.struct_size = sizeof(o);
+    o.name = name;
+    return fp_create(size, align, &o, origin);
+}
+
+/* Called with fp_lock held. The region containing all of [address, address+len). */
+static struct fp_region *fp_find_locked(uintptr_t address, uint64_t len) {
+    for (struct fp_region *r = fp_regions; r; r = r->next) {
+        if (address >= r->address && address - r->address < r->length && len <= r->length - (address - r->address))
             return r;
-        }
     }
     return NULL;
+}
+
+/* Called with fp_lock held: forgets r, unmaps its pieces still mapped, tells the agent. */
+static int fp_release_locked(struct fp_region *r) {
+    fp_unlink_locked(r);
+    /* Unmap first: no thread of ours can fault on the region while the agent tears it down. */
+    fp_unmap_pieces(r);
+    unsigned char reply[FP_REPLY_MAX];
+    int64_t n = fp_call_locked(FPW_UNREGISTER, &r->id, sizeof(r->id), NULL, 0, reply, sizeof(reply));
+    int saved = errno;
+    fp_close(r->uffd);
+    fp_close(r->memfd);
+    free(r);
+    /* The mapping is gone either way; if the agent was unreachable it released the region
+     * when our connection closed (a new connection does not know the id: ENOENT). */
+    if (n < 0 && saved != ECONNRESET && saved != ECONNREFUSED && saved != ENOENT) {
+        errno = saved;
+        return -1;
+    }
+    return 0;
 }
 
 FP_EXPORT int farpage_free(void *addr) {
     if (!addr) return 0;
     pthread_mutex_lock(&fp_lock);
-    struct fp_region **link = NULL;
-    struct fp_region *r = fp_find_locked((uintptr_t)addr, 0, &link);
+    struct fp_region *r = fp_find_locked((uintptr_t)addr, 0);
     if (!r || r->address != (uintptr_t)addr) {
         pthread_mutex_unlock(&fp_lock);
         fp_set_error(EINVAL, "farpage_free: %p is not the start of a farpage region", addr);
         return -1;
     }
-    *link = r->next;
-    /* Unmap first: no thread of ours can fault on the region while the agent
-     * tears it down. */
-    fp_unmap((void *)r->address, r->length);
-    unsigned char reply[FP_REPLY_MAX];
-    int64_t n = fp_call_locked(FPW_UNREGISTER, &r->id, sizeof(r->id), NULL, 0, reply, sizeof(reply));
+    int rc = fp_release_locked(r);
     int saved = errno;
     pthread_mutex_unlock(&fp_lock);
-    fp_close(r->uffd);
-    fp_close(r->memfd);
-    free(r);
-    /* The mapping is gone either way; if the agent was unreachable it releases
-     * the region when our connection closes. */
-    if (n < 0 && saved != ECONNRESET && saved != ECONNREFUSED) {
-        errno = saved;
-        return -1;
-    }
-    return 0;
+    errno = saved;
+    return rc;
+}
+
+/* Called with fp_lock held: asks the agent to drop [start, end) of region r (page aligned). */
+static int fp_drop_locked(struct fp_region *r, uintptr_t start, uintptr_t end) {
+    if (end <= start) return 0;
+    struct fpw_advise body = {r->id, (uint64_t)(start - r->address), (uint64_t)(end - start), FARPAGE_ADVISE_DONTNEED, 0};
+    unsigned char reply[FP_REPLY_MAX];
+    return fp_call_locked(FPW_ADVISE, &body, sizeof(body), NULL, 0, reply, sizeof(reply)) < 0 ? -1 : 0;
 }
 
 FP_EXPORT int farpage_advise(void *addr, size_t len, int hint) {
@@ -371,11 +559,20 @@ FP_EXPORT int farpage_advise(void *addr, size_t len, int hint) {
         return -1;
     }
     pthread_mutex_lock(&fp_lock);
-    struct fp_region *r = fp_find_locked((uintptr_t)addr, len, NULL);
+    struct fp_region *r = fp_find_locked((uintptr_t)addr, len);
     if (!r) {
         pthread_mutex_unlock(&fp_lock);
         fp_set_error(EINVAL, "farpage_advise: [%p, +%zu) is not inside one farpage region", addr, len);
         return -1;
+    }
+    if (r->view) {
+        pthread_mutex_unlock(&fp_lock);
+        if (hint == FARPAGE_ADVISE_DONTNEED) {
+            /* A forked child's view is private: its pages read as zeros by being zeroed. */
+            memset(addr, 0, len);
+            return 0;
+        }
+        return 0; /* fetch-ahead hints are the parent's to give */
     }
     struct fpw_advise body = {r->id, (uint64_t)((uintptr_t)addr - r->address), len, (uint32_t)hint, 0};
     unsigned char reply[FP_REPLY_MAX];
@@ -392,7 +589,7 @@ FP_EXPORT int farpage_stats(const void *addr, struct farpage_stats *out) {
     pthread_mutex_lock(&fp_lock);
     uint64_t id = 0;
     if (addr) {
-        struct fp_region *r = fp_find_locked((uintptr_t)addr, 0, NULL);
+        struct fp_region *r = fp_find_locked((uintptr_t)addr, 0);
         if (!r) {
             pthread_mutex_unlock(&fp_lock);
             fp_set_error(EINVAL, "farpage_stats: %p is not inside a farpage region", addr);
@@ -417,4 +614,122 @@ FP_EXPORT int farpage_stats(const void *addr, struct farpage_stats *out) {
     size_t nfields = sizeof(*out) / sizeof(uint64_t);
     for (uint32_t i = 0; i < count && i < nfields && off + 8 <= (size_t)n; i++, off += 8) memcpy(&fields[i], reply + off, 8);
     return 0;
+}
+
+/* ---- For the LD_PRELOAD shim ------------------------------------------------- */
+
+FP_HIDDEN int fp_region_lookup(const void *addr, size_t *length, int *origin) {
+    if (!fp_region_maybe(addr)) return 0;
+    pthread_mutex_lock(&fp_lock);
+    struct fp_region *r = fp_find_locked((uintptr_t)addr, 0);
+    int found = r && r->address == (uintptr_t)addr;
+    if (found) {
+        if (length) *length = r->length;
+        if (origin) *origin = r->origin;
+    }
+    pthread_mutex_unlock(&fp_lock);
+    return found;
+}
+
+static int fp_overlaps(const struct fp_region *r, uintptr_t a, uintptr_t e) { return r->address < e && a < r->address + r->length; }
+
+FP_HIDDEN int fp_region_overlaps(const void *addr, size_t len) {
+    if (__atomic_load_n(&fp_live, __ATOMIC_RELAXED) == 0) return 0;
+    uintptr_t a = (uintptr_t)addr, e = a + len;
+    if (e < a) e = UINTPTR_MAX;
+    int found = 0;
+    pthread_mutex_lock(&fp_lock);
+    for (struct fp_region *r = fp_regions; r && !found; r = r->next) found = fp_overlaps(r, a, e);
+    pthread_mutex_unlock(&fp_lock);
+    return found;
+}
+
+/* Removes [a, e) from r's pieces (already unmapped). Keeps a piece whole when there is no
+ * room to split it: the region then stays registered until it is freed or the process exits. */
+static void fp_subtract_pieces(struct fp_region *r, uintptr_t a, uintptr_t e) {
+    struct fp_piece out[sizeof(r->pieces) / sizeof(r->pieces[0])];
+    int n = 0, max = (int)(sizeof(out) / sizeof(out[0]));
+    for (int i = 0; i < r->npieces; i++) {
+        struct fp_piece p = r->pieces[i];
+        if (p.end <= a || e <= p.start) {
+            if (n < max) out[n++] = p;
+            continue;
+        }
+        int left = p.start < a, right = e < p.end;
+        if (left && right && n + 2 > max) {
+            out[n++] = p;
+            continue;
+        }
+        if (left) out[n++] = (struct fp_piece){p.start, a};
+        if (right) out[n++] = (struct fp_piece){e, p.end};
+    }
+    memcpy(r->pieces, out, sizeof(out[0]) * (size_t)n);
+    r->npieces = n;
+}
+
+FP_HIDDEN int fp_region_unmap(void *addr, size_t len, int (*real_munmap)(void *, size_t)) {
+    uintptr_t page = (uintptr_t)fp_page_size();
+    uintptr_t a = (uintptr_t)addr, e = a + ((len + page - 1) & ~(page - 1));
+    pthread_mutex_lock(&fp_lock);
+    /* Unmap first, under the lock: no new mapping can take the range before the regions
+     * forget it, and a failing munmap changes nothing. */
+    int rc = real_munmap(addr, len);
+    if (rc != 0) {
+        int saved = errno;
+        pthread_mutex_unlock(&fp_lock);
+        errno = saved;
+        return rc;
+    }
+    struct fp_region *r = fp_regions;
+    while (r) {
+        struct fp_region *next = r->next;
+        if (fp_overlaps(r, a, e)) {
+            fp_subtract_pieces(r, a, e);
+            if (r->npieces == 0) {
+                fp_release_locked(r);
+            } else if (!r->view) {
+                uintptr_t s = a > r->address ? a : r->address;
+                uintptr_t t = e < r->address + r->length ? e : r->address + r->length;
+                fp_drop_locked(r, s, t);
+            }
+        }
+        r = next;
+    }
+    pthread_mutex_unlock(&fp_lock);
+    return 0;
+}
+
+FP_HIDDEN int fp_region_discard(void *addr, size_t len) {
+    uintptr_t page = (uintptr_t)fp_page_size();
+    uintptr_t a = (uintptr_t)addr, e = a + ((len + page - 1) & ~(page - 1));
+    int rc = 0;
+    pthread_mutex_lock(&fp_lock);
+    for (struct fp_region *r = fp_regions; r; r = r->next) {
+        if (!fp_overlaps(r, a, e)) continue;
+        uintptr_t s = a > r->address ? a : r->address;
+        uintptr_t t = e < r->address + r->length ? e : r->address + r->length;
+        if (r->view) {
+            memset((void *)s, 0, t - s);
+        } else if (fp_drop_locked(r, s, t) < 0) {
+            rc = -1;
+        }
+    }
+    int saved = errno;
+    pthread_mutex_unlock(&fp_lock);
+    errno = saved;
+    return rc;
+}
+
+FP_HIDDEN void fp_region_shrink(void *addr, size_t keep) {
+    uintptr_t page = (uintptr_t)fp_page_size();
+    pthread_mutex_lock(&fp_lock);
+    struct fp_region *r = fp_find_locked((uintptr_t)addr, 0);
+    if (r && r->address == (uintptr_t)addr) {
+        uintptr_t from = r->address + ((keep + page - 1) & ~(page - 1));
+        if (r->view)
+            memset((void *)from, 0, r->address + r->length - from);
+        else
+            fp_drop_locked(r, from, r->address + r->length);
+    }
+    pthread_mutex_unlock(&fp_lock);
 }

@@ -21,6 +21,7 @@ enum {
     FPW_POOL_DETACH = 9,  /* body: "HOST:PORT"; reply OK once draining started */
     FPW_POOL_JSON = 10,   /* empty body; reply JSON */
     FPW_POOL_REMOVE = 11, /* body: "HOST:PORT"; drop without draining (its pages are lost) */
+    FPW_REGISTER_VIEW = 12, /* body fpw_register_view; fds: the region's memfd, a uffd; reply OK(view id) */
     FPW_OK = 0x81,        /* body fpw_ok */
     FPW_ERROR = 0x82,     /* body fpw_error + message text */
     FPW_STATS_REPLY = 0x83, /* body u32 count, u32 pad, count x u64 */
@@ -53,6 +54,13 @@ struct fpw_advise {
     uint32_t reserved;
 };
 
+/* A forked child's private view of a region of its parent (same address and length). */
+struct fpw_register_view {
+    uint64_t region_id;
+    uint64_t address;
+    uint64_t length;
+};
+
 struct fpw_ok {
     uint64_t value;
     uint64_t value2;
@@ -66,5 +74,6 @@ struct fpw_error {
 _Static_assert(sizeof(struct fpw_header) == 16, "wire header");
 _Static_assert(sizeof(struct fpw_register) == 64, "wire register");
 _Static_assert(sizeof(struct fpw_advise) == 32, "wire advise");
+_Static_assert(sizeof(struct fpw_register_view) == 24, "wire register view");
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the wire format is little-endian");
 #endif

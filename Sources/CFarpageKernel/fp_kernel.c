@@ -217,6 +217,14 @@ int fp_file_size(int fd, uint64_t *size) {
     return 0;
 }
 
+int fp_file_identity(int fd, uint64_t *dev, uint64_t *ino) {
+    struct stat st;
+    if (fstat(fd, &st) < 0) return -errno;
+    *dev = (uint64_t)st.st_dev;
+    *ino = (uint64_t)st.st_ino;
+    return 0;
+}
+
 int fp_punch_hole(int fd, uint64_t offset, uint64_t len) {
     FP_RET(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)len));
 }

@@ -210,6 +210,31 @@ public final class Agent: @unchecked Sendable {
     }
 
     func region(_ id: UInt64) -> Region? { registry.regions.withLock { $0[id] } }
+
+    // MARK: Forked children's views
+
+    /// Views by id; each holds its parent's Region, whose far copies live while it does.
+    let views = Mutex<[UInt64: RegionView]>([:])
+
+    func addView(of region: Region, uffd: Userfaultfd, owner: PeerCredentials) throws(KernelError) -> RegionView {
+        let id = nextRegionID.wrappingAdd(1, ordering: .relaxed).oldValue
+        let view = RegionView(id: id, source: region, uffd: uffd, owner: owner, zeroPage: zeroPage, logger: logger)
+        try faults.add(view)
+        views.withLock { $0[id] = view }
+        logger.info("forked child's view registered",
+                    metadata: ["fp.view": "\(id)", "fp.region": "\(region.id)", "fp.pid": "\(owner.pid)"])
+        return view
+    }
+
+    func removeView(id: UInt64, reason: String) {
+        guard let view = views.withLock({ $0.removeValue(forKey: id) }) else { return }
+        faults.remove(regionID: id)
+        logger.info("forked child's view released",
+                    metadata: ["fp.view": "\(id)", "fp.region": "\(view.source.id)", "fp.reason": "\(reason)",
+                               "fp.faults": "\(view.faultCount)"])
+    }
+
+    var viewCount: Int { views.withLock { $0.count } }
     func allRegions() -> [Region] { registry.regions.withLock { Array($0.values) }.sorted { $0.id < $1.id } }
 
     // MARK: Reports

@@ -15,6 +15,7 @@ final class ControlServer: @unchecked Sendable {
         let peer: PeerCredentials
         let pidfd: OwnedDescriptor?
         var regions: Set<UInt64> = []
+        var views: Set<UInt64> = []
         init(id: UInt64, socket: SeqPacketSocket, peer: PeerCredentials, pidfd: OwnedDescriptor?) {
             self.id = id
             self.socket = socket
@@ -117,6 +118,7 @@ final class ControlServer: @unchecked Sendable {
         epoll.remove(c.socket.rawValue)
         if let pidfd = c.pidfd { epoll.remove(pidfd.rawValue) }
         for id in c.regions.sorted() { agent.removeRegion(id: id, reason: reason) }
+        for id in c.views.sorted() { agent.removeView(id: id, reason: reason) }
         logger.debug("client disconnected", metadata: ["fp.pid": "\(c.peer.pid)", "fp.reason": "\(reason)"])
     }
 
@@ -154,11 +156,14 @@ final class ControlServer: @unchecked Sendable {
             reject(c, requestID: error.requestID, errno: EPROTO, .malformed, error.message)
             return !error.fatal
         }
-        if case .register = request {
-        } else if !packet.descriptors.isEmpty {
-            reject(c, requestID: header.requestID, errno: EBADF, .badDescriptor,
-                   "descriptors are accepted only with REGISTER; \(packet.descriptors.count) were closed")
-            return true
+        switch request {
+        case .register, .registerView: break
+        default:
+            guard packet.descriptors.isEmpty else {
+                reject(c, requestID: header.requestID, errno: EBADF, .badDescriptor,
+                       "descriptors are accepted only with REGISTER and REGISTER_VIEW; \(packet.descriptors.count) were closed")
+                return true
+            }
         }
         let reply: Reply
         switch request {
@@ -167,9 +172,17 @@ final class ControlServer: @unchecked Sendable {
             if case .error(_, _, let message) = reply {
                 logger.notice("registration refused", metadata: ["fp.pid": "\(c.peer.pid)", "fp.reason": "\(message)"])
             }
+        case .registerView(let v):
+            reply = registerView(v, descriptors: packet.descriptors, on: c)
+            if case .error(_, _, let message) = reply {
+                logger.notice("view registration refused", metadata: ["fp.pid": "\(c.peer.pid)", "fp.reason": "\(message)"])
+            }
         case .unregister(let id):
             if c.regions.remove(id) != nil {
                 agent.removeRegion(id: id, reason: "freed by the client")
+                reply = .ok(id, 0)
+            } else if c.views.remove(id) != nil {
+                agent.removeView(id: id, reason: "unmapped by the child")
                 reply = .ok(id, 0)
             } else {
                 reply = error(ENOENT, .notFound, "region \(id) is not registered on this connection")
@@ -341,6 +354,48 @@ final class ControlServer: @unchecked Sendable {
         }
         c.regions.insert(region.id)
         return .ok(region.id, UInt64(region.budgetPages) * page)
+    }
+
+    // MARK: REGISTER_VIEW
+
+    /// A forked child asks to see its parent's region through its own private mapping. It
+    /// proves it holds the region's pages by sending the region's memfd (inherited at fork),
+    /// and must run as the region owner's user (or root).
+    private func registerView(_ v: RegisterViewRequest, descriptors: [SeqPacketSocket.OwnedDescriptorAlias],
+                              on c: Connection) -> Reply
+    {
+        if agent.shuttingDown.load(ordering: .acquiring) {
+            return error(ESHUTDOWN, .shuttingDown, "the agent is shutting down and takes no new views; retry once it is back")
+        }
+        guard descriptors.count == 2 else {
+            return error(EBADF, .badDescriptor,
+                         "REGISTER_VIEW needs exactly 2 descriptors (the region's memfd, a userfaultfd); got \(descriptors.count)")
+        }
+        guard let region = agent.region(v.regionID) else {
+            return error(ENOENT, .notFound, "region \(v.regionID) is not registered (its owner may have exited)")
+        }
+        guard c.peer.uid == 0 || c.peer.uid == region.spec.owner.uid else {
+            return error(EPERM, .invalidArgument, "region \(v.regionID) belongs to another user")
+        }
+        guard let theirs = try? descriptors[0].identity(), let ours = try? region.memfd.identity(), theirs == ours else {
+            return error(EBADF, .badDescriptor, "descriptor 1 is not region \(v.regionID)'s memfd")
+        }
+        let uffdLink = (try? descriptors[1].linkTarget()) ?? "?"
+        guard uffdLink == "anon_inode:[userfaultfd]" else {
+            return error(EBADF, .badDescriptor, "descriptor 2 is not a userfaultfd (it is \(uffdLink))")
+        }
+        guard v.address == region.spec.address, v.length == region.spec.length else {
+            return error(EINVAL, .invalidArgument, "a view must cover its region exactly (address and length)")
+        }
+        guard agent.viewCount < agent.config.maxRegions else {
+            return error(ENOMEM, .limit, "the agent already serves agent.max_regions (\(agent.config.maxRegions)) views")
+        }
+        let view: RegionView
+        do { view = try agent.addView(of: region, uffd: Userfaultfd(descriptors[1]), owner: c.peer) } catch {
+            return self.error(error.errno, .kernel, "the agent cannot watch this userfaultfd: \(error)")
+        }
+        c.views.insert(view.id)
+        return .ok(view.id, 0)
     }
 
     // MARK: ADVISE

@@ -18,6 +18,20 @@ public final class OwnedDescriptor: @unchecked Sendable {
         let n = try check(fp_fd_link(rawValue, &buffer, buffer.count), "readlink(/proc/self/fd)")
         return String(decoding: buffer.prefix(Int(n)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
+
+    /// The file's device and inode: equal for descriptors of the same file.
+    public func identity() throws(KernelError) -> FileIdentity {
+        var dev: UInt64 = 0
+        var ino: UInt64 = 0
+        _ = try check(fp_file_identity(rawValue, &dev, &ino), "fstat")
+        return FileIdentity(device: dev, inode: ino)
+    }
+}
+
+/// A file's (st_dev, st_ino).
+public struct FileIdentity: Equatable, Hashable, Sendable {
+    public let device: UInt64
+    public let inode: UInt64
 }
 
 /// Operations on a memfd (a shmem file) that backs a region.

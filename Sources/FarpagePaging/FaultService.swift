@@ -27,7 +27,7 @@ public final class FaultService: @unchecked Sendable {
         }
     }
     enum Command {
-        case add(Region)
+        case add(any FaultTarget)
         case remove(UInt64, CompletionSignal?)
         case stop
     }
@@ -64,9 +64,10 @@ public final class FaultService: @unchecked Sendable {
         }
     }
 
-    /// Starts serving `region` on the least-loaded thread. Throws when its uffd cannot be
-    /// watched (the registration must then fail: nobody would serve its faults).
-    public func add(_ region: Region) throws(KernelError) {
+    /// Starts serving `region` (or a forked child's view) on the least-loaded thread. Throws
+    /// when its uffd cannot be watched (the registration must then fail: nobody would serve
+    /// its faults).
+    public func add(_ region: any FaultTarget) throws(KernelError) {
         let worker = workers.min { $0.load.load(ordering: .relaxed) < $1.load.load(ordering: .relaxed) }!
         // epoll_ctl is thread-safe; an event before the thread learns the region is simply
         // reported again (level-triggered) once the command is processed.
@@ -91,7 +92,7 @@ public final class FaultService: @unchecked Sendable {
     }
 
     private func run(_ worker: Worker, staging: StagingBuffer, evictStaging: StagingBuffer) {
-        var regions: [UInt64: Region] = [:]
+        var regions: [UInt64: any FaultTarget] = [:]
         var ready: [Epoll.Ready] = []
         var events: [UffdEvent] = []
         events.reserveCapacity(64)
@@ -132,7 +133,7 @@ public final class FaultService: @unchecked Sendable {
         }
     }
 
-    private func serve(_ region: Region, events: inout [UffdEvent], staging: StagingBuffer,
+    private func serve(_ region: any FaultTarget, events: inout [UffdEvent], staging: StagingBuffer,
                        evictStaging: StagingBuffer)
     {
         // Bounded rounds so that one busy region cannot starve the others on this thread.

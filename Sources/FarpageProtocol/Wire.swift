@@ -9,6 +9,7 @@ public enum Wire {
     public static let maxMessage = 65536
     public static let registerBodySize = 64
     public static let adviseBodySize = 32
+    public static let registerViewBodySize = 24
     public static let maxErrorText = 1024
     public static let jsonChunk = 60000
 }
@@ -25,6 +26,7 @@ public enum MessageType: UInt16, Sendable {
     case poolDetach = 9
     case poolJSON = 10
     case poolRemove = 11
+    case registerView = 12
     case ok = 0x81
     case error = 0x82
     case statsReply = 0x83
@@ -80,8 +82,22 @@ public struct AdviseRequest: Equatable, Sendable {
     }
 }
 
+/// A forked child's private view of one of its parent's regions (fds: that region's memfd,
+/// and a userfaultfd registered for missing faults on the child's MAP_PRIVATE mapping).
+public struct RegisterViewRequest: Equatable, Sendable {
+    public var regionID: UInt64
+    public var address: UInt64
+    public var length: UInt64
+    public init(regionID: UInt64, address: UInt64, length: UInt64) {
+        self.regionID = regionID
+        self.address = address
+        self.length = length
+    }
+}
+
 public enum Request: Equatable, Sendable {
     case register(RegisterRequest)
+    case registerView(RegisterViewRequest)
     case unregister(regionID: UInt64)
     case advise(AdviseRequest)
     case stats(regionID: UInt64)
@@ -161,6 +177,9 @@ extension Wire {
                 address: r.u64(), length: r.u64(), pageSize: r.u32(), flags: r.u32(), residentBudget: r.u64(),
                 uffdFeatures: r.u64(), name: r.fixedString(24))
             return (h, .register(req))
+        case .registerView:
+            try need(registerViewBodySize, "REGISTER_VIEW")
+            return (h, .registerView(RegisterViewRequest(regionID: r.u64(), address: r.u64(), length: r.u64())))
         case .unregister:
             try need(8, "UNREGISTER")
             return (h, .unregister(regionID: r.u64()))
@@ -220,6 +239,11 @@ extension Wire {
             w.u64(q.residentBudget)
             w.u64(q.uffdFeatures)
             w.fixedString(q.name, 24)
+        case .registerView(let q):
+            type = .registerView
+            w.u64(q.regionID)
+            w.u64(q.address)
+            w.u64(q.length)
         case .unregister(let id):
             type = .unregister
             w.u64(id)

@@ -233,4 +233,64 @@ struct BadInputTests {
         #expect(text.contains("cannot reach the farpaged agent at \(path)"), "stderr: \(text)")
         #expect(text.contains("Start it"))
     }
+
+    /// REGISTER_VIEW (a forked child's view of a region) from a peer that lies: each lie is
+    /// refused with its reason, and a truthful view is served and released.
+    @Test func forkViewsThatLieAreRefusedAndATruthfulOneIsServed() throws {
+        let owner = try connect()
+        let region = try HandMadeRegion()
+        defer { region.close() }
+        guard case .ok(let regionID, _) = try exchange(owner, Wire.encode(region.request(), requestID: 1), [region.memfd, region.uffd])
+        else {
+            Issue.record("the region was not registered")
+            return
+        }
+        // The child's side: a private mapping of the memfd elsewhere, registered for missing faults.
+        let viewUffd = fp_uffd_open(1, nil)
+        try #require(viewUffd >= 0)
+        defer { _ = fp_close(viewUffd) }
+        var features: UInt64 = 0
+        var ioctls: UInt64 = 0
+        try #require(fp_uffd_api(viewUffd, FP_UFFD_FEATURE_MISSING_SHMEM, &features, &ioctls) == 0)
+        let other = handMadeMemfd()
+        defer { _ = fp_close(other) }
+
+        let child = try connect()
+        func view(_ id: UInt64, length: UInt64? = nil) -> [UInt8] {
+            Wire.encode(.registerView(RegisterViewRequest(regionID: id, address: region.address, length: length ?? region.length)),
+                        requestID: 7)
+        }
+        expectError(try exchange(child, view(regionID)), errno: EBADF, containing: "exactly 2 descriptors")
+        expectError(try exchange(child, view(regionID), [other, viewUffd]), errno: EBADF, containing: "is not region")
+        expectError(try exchange(child, view(regionID + 1000), [region.memfd, viewUffd]), errno: ENOENT,
+                    containing: "is not registered")
+        expectError(try exchange(child, view(regionID), [region.memfd, other]), errno: EBADF, containing: "not a userfaultfd")
+        expectError(try exchange(child, view(regionID, length: region.length / 2), [region.memfd, viewUffd]), errno: EINVAL,
+                    containing: "cover its region exactly")
+        // Descriptors with any other request are refused (and closed).
+        expectError(try exchange(child, Wire.encode(.ping, requestID: 8), [viewUffd]), errno: EBADF, containing: "REGISTER_VIEW")
+        // The truth: the region's memfd and a userfaultfd.
+        guard case .ok(let viewID, _) = try exchange(child, view(regionID), [region.memfd, viewUffd]) else {
+            Issue.record("a truthful view was refused: \(agent.logText.suffix(1000))")
+            return
+        }
+        #expect(agent.logText.contains("forked child's view registered"))
+        #expect(try exchange(child, Wire.encode(.unregister(regionID: viewID), requestID: 9)) == .ok(viewID, 0))
+        #expect(try exchange(child, Wire.encode(.unregister(regionID: viewID), requestID: 10))?.isError == true)
+        try expectStillServing()
+    }
+}
+
+/// A sealed memfd that is not any region's.
+private func handMadeMemfd() -> Int32 {
+    let fd = fp_memfd_create("not-a-region", 1)
+    _ = fp_ftruncate(fd, 16 * 4096)
+    return fd
+}
+
+extension Reply {
+    var isError: Bool {
+        if case .error = self { return true }
+        return false
+    }
 }

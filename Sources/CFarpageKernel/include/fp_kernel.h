@@ -113,6 +113,8 @@ int fp_get_seals(int fd);
 int fp_file_size(int fd, uint64_t *size);
 /* fallocate(PUNCH_HOLE | KEEP_SIZE): frees the range and zaps every mapping. */
 int fp_punch_hole(int fd, uint64_t offset, uint64_t len);
+/* The file's (st_dev, st_ino): two descriptors with equal identities name the same file. */
+int fp_file_identity(int fd, uint64_t *dev, uint64_t *ino);
 /* pread that loops until len bytes or EOF; returns bytes read or -errno. */
 int64_t fp_pread_full(int fd, void *buf, uint64_t len, uint64_t offset);
 /* readlink("/proc/self/fd/N") into buf (NUL-terminated). */
