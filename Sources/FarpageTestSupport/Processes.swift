@@ -29,7 +29,9 @@ public final class AgentProcess: @unchecked Sendable {
     public let process: Process
     public let log: String
 
-    public init(config extra: String = "", storeCapacity: String = "2GiB") throws {
+    public init(config extra: String = "", storeCapacity: String = "2GiB", budget: String = "512MiB",
+                regionBudget: String = "8MiB") throws
+    {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("fp-test-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         socket = directory + "/agent.sock"
@@ -37,8 +39,8 @@ public final class AgentProcess: @unchecked Sendable {
         let config = """
             [agent]
             socket = "\(socket)"
-            resident_budget = "512MiB"
-            region_budget = "8MiB"
+            resident_budget = "\(budget)"
+            region_budget = "\(regionBudget)"
             max_region_size = "1TiB"
             evict_batch = 32
             shutdown_grace = "1s"
