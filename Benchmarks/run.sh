@@ -12,7 +12,11 @@
 # 6. runs the peer, kernel swap: a 4 GiB buffer in a memory cgroup limited to 1 GiB, with a
 #    swap file and with zswap (Benchmarks/swap-peer/run.sh; rows it cannot run here, e.g.
 #    without root, are printed as skipped with the reason);
-# 7. prints a summary against the targets (store-fault latency <= 1.5x the floor of the
+# 7. runs the LD_PRELOAD shim's benchmark: NumPy over 512 MiB of arrays with a resident
+#    budget of 25% of its peak RSS, next to all-local memory and kernel swap to a swap file
+#    under the same limit (Benchmarks/shim-numpy/run.sh; FARPAGE_BENCH_NUMPY_MIB sets the
+#    size, 0 skips it);
+# 8. prints a summary against the targets (store-fault latency <= 1.5x the floor of the
 #    same placement, agent bookkeeping <= 16 bytes/page, pool sweep >= 1.5 GB/s, memory
 #    server overhead < 1% of what it lends).
 #
@@ -198,6 +202,13 @@ echo "== kernel swap peer: 4 GiB buffer, memory cgroup limited to 1 GiB"
 SWAP_PEER=$bin/swap_peer "$here/swap-peer/run.sh" 4GiB 1GiB | tee -a "$results" ||
     echo "run.sh: the swap peer failed (exit $?); its rows are missing" >&2
 
+# --- 3e. the shim: NumPy under LD_PRELOAD, next to local memory and kernel swap --------
+numpy_mib=${FARPAGE_BENCH_NUMPY_MIB:-512}
+if [[ $numpy_mib != 0 ]]; then
+    echo "== LD_PRELOAD shim: NumPy over $numpy_mib MiB, budget 25% of its peak RSS"
+    "$here/shim-numpy/run.sh" "$bin" "$numpy_mib" | tee -a "$results" || bench_rc=$?
+fi
+
 # --- 4. summary ---------------------------------------------------------------
 # field NAME KEY: the number KEY of the JSON line whose name is NAME, or empty.
 field() {
@@ -318,6 +329,15 @@ for mode in swapfile zswap; do
     reason=$(swap_skip "$mode")
     [[ -z $reason ]] || echo "  kernel swap, $mode: skipped: $reason"
 done
+
+np_local=$(field shim_numpy_summary local_s)
+np_shim=$(field shim_numpy_summary shim_s)
+np_swap=$(field shim_numpy_summary swapfile_s)
+echo
+row "NumPy under the shim, 25% budget: seconds" "" ""
+row "  all local / under the shim" "$(show "$np_local")" "$(show "$np_shim")"
+row "  kernel swap (swap file), same limit" "$(show "$np_swap")" ""
+row "  shim / local, shim / swap file" "$(ratio "$np_shim" "$np_local")" "$(ratio "$np_shim" "$np_swap")"
 
 if [[ $bench_rc -ne 0 ]]; then
     echo "run.sh: a benchmark failed (exit $bench_rc); see the messages above" >&2

@@ -22,6 +22,10 @@
 #   SWAP_PEER_READS  random reads timed (default 30000)
 #   SWAP_PEER_FILL   page contents: half (default), random or sparse (see swap_peer.c)
 #   SWAP_PEER_TIMEOUT  seconds one row may take before it is killed (default 300)
+#   SWAP_PEER_COMMAND  a shell command run in the cgroup instead of swap_peer; it must print
+#                      one JSON object on stdout (used for the shim's NumPy benchmark), and
+#                      sees the row's mode in $SWAP_PEER_MODE
+#   SWAP_PEER_MODES    the rows to run (default "swapfile zswap")
 set -euo pipefail
 
 if [[ $# -gt 2 || ${1:-} == -* ]]; then
@@ -48,7 +52,7 @@ fi
 reads=${SWAP_PEER_READS:-30000}
 fill=${SWAP_PEER_FILL:-half}
 row_timeout=${SWAP_PEER_TIMEOUT:-300}
-modes=(swapfile zswap)
+read -r -a modes <<<"${SWAP_PEER_MODES:-swapfile zswap}"
 
 say() { echo "swap-peer: $*" >&2; }
 # skip MODE REASON: the JSON line for a row that cannot run (the reason made JSON-safe).
@@ -153,7 +157,7 @@ avail=$(($(stat -f -c '%a * %S' "$dir")))
 # --- set up -----------------------------------------------------------------------
 peer=${SWAP_PEER:-}
 tmp=$(mktemp -d "$dir/swap-peer.XXXXXX")
-if [[ -z $peer ]]; then
+if [[ -z $peer && -z ${SWAP_PEER_COMMAND:-} ]]; then
     peer=$tmp/swap_peer
     ${CC:-gcc} -O2 -Wall -Wextra -o "$peer" "$here/swap_peer.c"
 fi
@@ -188,8 +192,13 @@ say "cgroup $cgroup ($cgroup_kind) limited to $((limit >> 20)) MiB"
 run_row() {
     local out=$tmp/$1.json err=$tmp/$1.err rc=0
     # The shell moves itself into the cgroup, then becomes the peer: nothing else is charged.
-    sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' sh "$cgroup" \
-        timeout "$row_timeout" "$peer" --size "$size" --reads "$reads" --fill "$fill" --mode "$1" >"$out" 2>"$err" &
+    if [[ -n ${SWAP_PEER_COMMAND:-} ]]; then
+        SWAP_PEER_MODE=$1 sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' sh "$cgroup" \
+            timeout "$row_timeout" sh -c "$SWAP_PEER_COMMAND" >"$out" 2>"$err" &
+    else
+        sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' sh "$cgroup" \
+            timeout "$row_timeout" "$peer" --size "$size" --reads "$reads" --fill "$fill" --mode "$1" >"$out" 2>"$err" &
+    fi
     peer_pid=$!
     wait "$peer_pid" || rc=$?
     peer_pid=

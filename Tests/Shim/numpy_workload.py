@@ -3,10 +3,15 @@
 products. Prints a digest of every result, so a run under LD_PRELOAD=libfarpage.so can be
 compared byte for byte with a plain run.
 
-    numpy_workload.py --mib 256 [--seed 7]
+    numpy_workload.py --mib 256 [--seed 7] [--json NAME]
+
+With --json, prints one JSON object instead: name, seconds, peak RSS and a digest of the
+results (for `make bench`).
 """
 import argparse
 import hashlib
+import json
+import resource
 import sys
 import time
 
@@ -22,6 +27,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--mib", type=int, default=256, help="footprint of the main arrays in MiB")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--json", metavar="NAME", help="print one JSON line named NAME")
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
     n = args.mib * (1 << 20) // 8 // 4  # four float64 arrays of n elements make the footprint
@@ -57,7 +63,14 @@ def main():
     # A second pass over the first array: it must be exactly what was written.
     digest("a_again", a, out)
     seconds = time.monotonic() - t0
-    print("\n".join(out))
+    if args.json:
+        print(json.dumps({
+            "name": args.json, "mib": args.mib, "seconds": round(seconds, 3),
+            "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "digest": hashlib.sha256("\n".join(out).encode()).hexdigest()[:16],
+        }))
+    else:
+        print("\n".join(out))
     print(f"seconds {seconds:.3f}", file=sys.stderr)
 
 
