@@ -338,6 +338,10 @@ row "NumPy under the shim, 25% budget: seconds" "" ""
 row "  all local / under the shim" "$(show "$np_local")" "$(show "$np_shim")"
 row "  kernel swap (swap file), same limit" "$(show "$np_swap")" ""
 row "  shim / local, shim / swap file" "$(ratio "$np_shim" "$np_local")" "$(ratio "$np_shim" "$np_swap")"
+fe_plain=$(field shim_numpy_summary fork_exec_plain_us)
+fe_shim=$(field shim_numpy_summary fork_exec_shim_us)
+row "fork+exec holding 4 x 64 MiB, us: plain / shim" "$(show "$fe_plain")" "$(show "$fe_shim")"
+row "  shim / plain" "$(ratio "$fe_shim" "$fe_plain")" ""
 
 if [[ $bench_rc -ne 0 ]]; then
     echo "run.sh: a benchmark failed (exit $bench_rc); see the messages above" >&2

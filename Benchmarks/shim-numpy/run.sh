@@ -10,6 +10,8 @@
 #             file on the repository's disk (Benchmarks/swap-peer/run.sh does the setup and
 #             the cleanup; skipped with the reason where it cannot run).
 # Every run's results digest must equal the local one (a wrong result fails the benchmark).
+# Then, with the same agent, fork + exec of a program holding 4 far blocks of 64 MiB
+# (Benchmarks/fork-exec), plainly and under the shim: what fork-then-exec costs.
 # Prints one JSON line per run and a summary line with both ratios.
 set -euo pipefail
 
@@ -115,6 +117,16 @@ for i in 1 2 3; do
 done
 grep -qi "error" "$tmp/agent.log" && { echo "shim-numpy: agent log:" >&2; tail -n 20 "$tmp/agent.log" >&2; }
 
+# --- fork + exec with far memory held ---------------------------------------------------
+${CC:-gcc} -O2 -Wall -Wextra -o "$tmp/fork_exec" "$repo/Benchmarks/fork-exec/fork_exec.c"
+fe_plain=$("$tmp/fork_exec" --regions 4 --region-mib 64 --rounds 200 --label fork_exec_plain)
+echo "$fe_plain"
+fe_shim=$(FARPAGE_SOCKET=$tmp/agent.sock LD_PRELOAD=$lib "$tmp/fork_exec" --regions 4 --region-mib 64 --rounds 200 \
+    --label fork_exec_shim)
+echo "$fe_shim"
+fe_p=$(sed -n 's/.*"p50_us":\([0-9.]*\).*/\1/p' <<<"$fe_plain")
+fe_s=$(sed -n 's/.*"p50_us":\([0-9.]*\).*/\1/p' <<<"$fe_shim")
+
 # --- kernel swap under the same limit ---------------------------------------------------
 echo "shim-numpy: kernel swap, cgroup limited to $budget" >&2
 swap_lines=$(SWAP_PEER_MODES="swapfile swapfile swapfile" SWAP_PEER_TIMEOUT=900 \
@@ -140,7 +152,7 @@ l=$(printf '%s\n' "${local_secs[@]}" | median)
 s=$(printf '%s\n' "${shim_secs[@]}" | median)
 w=
 [[ ${#swap_secs[@]} -gt 0 ]] && w=$(printf '%s\n' "${swap_secs[@]}" | median)
-printf '{"name":"shim_numpy_summary","mib":%s,"budget":"%s","local_s":%s,"shim_s":%s,"swapfile_s":%s,"shim_vs_local":%s,"shim_vs_swapfile":%s%s}\n' \
-    "$mib" "$budget" "$l" "$s" "${w:-null}" "$(awk -v a="$s" -v b="$l" 'BEGIN { printf "%.2f", a / b }')" \
+printf '{"name":"shim_numpy_summary","mib":%s,"budget":"%s","local_s":%s,"shim_s":%s,"swapfile_s":%s,"fork_exec_plain_us":%s,"fork_exec_shim_us":%s,"shim_vs_local":%s,"shim_vs_swapfile":%s%s}\n' \
+    "$mib" "$budget" "$l" "$s" "${w:-null}" "$fe_p" "$fe_s" "$(awk -v a="$s" -v b="$l" 'BEGIN { printf "%.2f", a / b }')" \
     "$( [[ -n $w ]] && awk -v a="$s" -v b="$w" 'BEGIN { printf "%.2f", a / b }' || echo null)" \
     "$( [[ -n $swap_skip ]] && printf ',"swapfile_skipped":"%s"' "$swap_skip" || true)"
