@@ -490,13 +490,28 @@ FP_EXPORT void *mremap(void *old, size_t old_size, size_t new_size, int flags, .
         errno = ENOMEM; /* cannot grow in place, as the kernel says when the next pages are taken */
         return MAP_FAILED;
     }
-    void *dst = (flags & MREMAP_FIXED)
-                    ? fp_raw_mmap(new_address, new_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
-                    : mmap(NULL, new_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *dst;
+    if (flags & MREMAP_FIXED) {
+        /* As the kernel: the two ranges must not overlap; whatever is at the destination goes
+         * (through munmap, so that a region there is released properly). */
+        uintptr_t o = (uintptr_t)old, n = (uintptr_t)new_address;
+        if ((n & (page - 1)) || (n < o + old_pages && o < n + new_pages)) {
+            errno = EINVAL;
+            return MAP_FAILED;
+        }
+        if (munmap(new_address, new_size) != 0) return MAP_FAILED;
+        dst = fp_raw_mmap(new_address, new_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    } else {
+        dst = mmap(NULL, new_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    }
     if (dst == MAP_FAILED) return MAP_FAILED;
     memcpy(dst, old, old_size < new_size ? old_size : new_size);
     munmap(old, old_size);
     return dst;
+}
+
+static int fp_raw_madvise(void *addr, size_t len, int advice) {
+    return real.madvise ? real.madvise(addr, len, advice) : (int)syscall(SYS_madvise, addr, len, advice);
 }
 
 FP_EXPORT int madvise(void *addr, size_t len, int advice) {
@@ -511,13 +526,10 @@ FP_EXPORT int madvise(void *addr, size_t len, int advice) {
     case MADV_FREE:
     case MADV_REMOVE: {
         /* Anonymous memory reads as zeros after these: the agent drops the far copies and
-         * punches the memfd. The kernel's own MADV_REMOVE would punch behind its back. */
-        if ((uintptr_t)addr & ((size_t)sysconf(_SC_PAGESIZE) - 1)) {
-            errno = EINVAL;
-            return -1;
-        }
+         * punches the memfd (the kernel's own MADV_REMOVE would punch behind its back). The
+         * parts of the range that are not regions go to the kernel. */
         fp_busy++;
-        int rc = fp_region_discard(addr, len);
+        int rc = fp_region_discard(addr, len, advice, fp_raw_madvise);
         fp_busy--;
         return rc;
     }

@@ -38,7 +38,7 @@ struct fp_region {
     int origin; /* FP_ORIGIN_* */
     int view;   /* a forked child's private view of its parent's region (see fp_atfork_child) */
     int npieces;
-    struct fp_piece pieces[8]; /* mapped parts; more splits than this are refused (EINVAL) */
+    struct fp_piece pieces[16]; /* mapped parts; a munmap that would need more fails (ENOMEM) */
 };
 
 static pthread_mutex_t fp_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -118,7 +118,22 @@ static const char *fp_socket_path(void) {
  * pages the parent holds resident are shared until the child writes them (copy on write,
  * by the kernel), far pages are fetched into the child's private copy, and nothing the
  * child does reaches the memfd. See docs/decisions.md ("Fork"). */
-static void fp_atfork_prepare(void) { pthread_mutex_lock(&fp_lock); }
+static int64_t fp_call_locked(uint16_t type, const void *body, uint32_t body_len, const int *fds, int nfds,
+                              unsigned char *reply, size_t reply_cap);
+/* The parent, before fork: the agent keeps regions this process releases in the next
+ * seconds available to the child's views (a parent that frees a block or exits right
+ * after fork must not pull it from under the child). */
+static void fp_atfork_prepare(void) {
+    pthread_mutex_lock(&fp_lock);
+    int any = 0;
+    for (struct fp_region *r = fp_regions; r && !any; r = r->next) any = !r->view;
+    if (any && fp_sock >= 0) {
+        unsigned char reply[FP_REPLY_MAX];
+        int saved = errno;
+        fp_call_locked(FPW_FORK_PREPARE, NULL, 0, NULL, 0, reply, sizeof(reply));
+        errno = saved;
+    }
+}
 static void fp_atfork_parent(void) { pthread_mutex_unlock(&fp_lock); }
 static void fp_atfork_child(void);
 static void fp_install_atfork(void) { pthread_atfork(fp_atfork_prepare, fp_atfork_parent, fp_atfork_child); }
@@ -245,6 +260,14 @@ static void fp_uffd_error(int e) {
 /* Called with fp_lock held; unmaps a node's pieces. */
 static void fp_unmap_pieces(struct fp_region *r) {
     for (int i = 0; i < r->npieces; i++) syscall(SYS_munmap, (void *)r->pieces[i].start, r->pieces[i].end - r->pieces[i].start);
+}
+
+/* Replaces [a, b) with an inaccessible reservation (atomically: the range is never free).
+ * Until the agent has let go of a region, its uffd could still install pages there, and the
+ * kernel accepts such an install into any registered mapping of the process, a new region
+ * at the same address included; a reservation is not registered, so it refuses them. */
+static void fp_reserve(uintptr_t a, uintptr_t b) {
+    if (a < b) syscall(SYS_mmap, (void *)a, b - a, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
 }
 
 /* In the child of fork(): every region becomes a view (see above). A region whose view
@@ -509,17 +532,22 @@ static struct fp_region *fp_find_locked(uintptr_t address, uint64_t len) {
     return NULL;
 }
 
-/* Called with fp_lock held: forgets r, unmaps its pieces still mapped, tells the agent. */
+/* Called with fp_lock held: forgets r, unmaps its pieces still mapped, tells the agent and
+ * closes its descriptors. The caller frees r after unlocking: free() may be the interposed
+ * one, which takes fp_lock. */
 static int fp_release_locked(struct fp_region *r) {
     fp_unlink_locked(r);
-    /* Unmap first: no thread of ours can fault on the region while the agent tears it down. */
-    fp_unmap_pieces(r);
+    /* Reserve first: no thread of ours can fault on the region while the agent tears it
+     * down, and no other mapping can take its addresses until the agent has let go (its
+     * UNREGISTER reply comes once nothing of it is under way). */
+    for (int i = 0; i < r->npieces; i++) fp_reserve(r->pieces[i].start, r->pieces[i].end);
     unsigned char reply[FP_REPLY_MAX];
     int64_t n = fp_call_locked(FPW_UNREGISTER, &r->id, sizeof(r->id), NULL, 0, reply, sizeof(reply));
     int saved = errno;
+    fp_unmap_pieces(r);
+    r->npieces = 0;
     fp_close(r->uffd);
     fp_close(r->memfd);
-    free(r);
     /* The mapping is gone either way; if the agent was unreachable it released the region
      * when our connection closed (a new connection does not know the id: ENOENT). */
     if (n < 0 && saved != ECONNRESET && saved != ECONNREFUSED && saved != ENOENT) {
@@ -541,16 +569,33 @@ FP_EXPORT int farpage_free(void *addr) {
     int rc = fp_release_locked(r);
     int saved = errno;
     pthread_mutex_unlock(&fp_lock);
+    free(r);
     errno = saved;
     return rc;
 }
 
+/* Replaces the mapped parts of a view inside [s, t) with fresh anonymous memory: they read
+ * as zeros, cost nothing until written, and need no uffd (a child's MADV_DONTNEED). */
+static void fp_zero_view(struct fp_region *r, uintptr_t s, uintptr_t t) {
+    for (int i = 0; i < r->npieces; i++) {
+        uintptr_t a = r->pieces[i].start > s ? r->pieces[i].start : s;
+        uintptr_t b = r->pieces[i].end < t ? r->pieces[i].end : t;
+        if (a < b)
+            syscall(SYS_mmap, (void *)a, b - a, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    }
+}
+
 /* Called with fp_lock held: asks the agent to drop [start, end) of region r (page aligned). */
-static int fp_drop_locked(struct fp_region *r, uintptr_t start, uintptr_t end) {
+static int fp_drop_locked(struct fp_region *r, uintptr_t start, uintptr_t end, uint32_t hint) {
     if (end <= start) return 0;
-    struct fpw_advise body = {r->id, (uint64_t)(start - r->address), (uint64_t)(end - start), FARPAGE_ADVISE_DONTNEED, 0};
+    struct fpw_advise body = {r->id, (uint64_t)(start - r->address), (uint64_t)(end - start), hint, 0};
     unsigned char reply[FP_REPLY_MAX];
-    return fp_call_locked(FPW_ADVISE, &body, sizeof(body), NULL, 0, reply, sizeof(reply)) < 0 ? -1 : 0;
+    /* EAGAIN: some pages stayed in flight (a slow far tier); what was dropped stays dropped. */
+    for (int attempt = 0; attempt < 5; attempt++) {
+        if (fp_call_locked(FPW_ADVISE, &body, sizeof(body), NULL, 0, reply, sizeof(reply)) >= 0) return 0;
+        if (errno != EAGAIN) return -1;
+    }
+    return -1;
 }
 
 FP_EXPORT int farpage_advise(void *addr, size_t len, int hint) {
@@ -566,13 +611,14 @@ FP_EXPORT int farpage_advise(void *addr, size_t len, int hint) {
         return -1;
     }
     if (r->view) {
-        pthread_mutex_unlock(&fp_lock);
+        /* A forked child's view is private: dropped pages become fresh anonymous zeros;
+         * fetch-ahead hints are the parent's to give. */
         if (hint == FARPAGE_ADVISE_DONTNEED) {
-            /* A forked child's view is private: its pages read as zeros by being zeroed. */
-            memset(addr, 0, len);
-            return 0;
+            uintptr_t page = (uintptr_t)fp_page_size();
+            fp_zero_view(r, ((uintptr_t)addr + page - 1) & ~(page - 1), ((uintptr_t)addr + len) & ~(page - 1));
         }
-        return 0; /* fetch-ahead hints are the parent's to give */
+        pthread_mutex_unlock(&fp_lock);
+        return 0;
     }
     struct fpw_advise body = {r->id, (uint64_t)((uintptr_t)addr - r->address), len, (uint32_t)hint, 0};
     unsigned char reply[FP_REPLY_MAX];
@@ -631,7 +677,13 @@ FP_HIDDEN int fp_region_lookup(const void *addr, size_t *length, int *origin) {
     return found;
 }
 
-static int fp_overlaps(const struct fp_region *r, uintptr_t a, uintptr_t e) { return r->address < e && a < r->address + r->length; }
+/* Whether [a, e) overlaps a still-mapped piece of r. */
+static int fp_overlaps(const struct fp_region *r, uintptr_t a, uintptr_t e) {
+    if (!(r->address < e && a < r->address + r->length)) return 0;
+    for (int i = 0; i < r->npieces; i++)
+        if (r->pieces[i].start < e && a < r->pieces[i].end) return 1;
+    return 0;
+}
 
 FP_HIDDEN int fp_region_overlaps(const void *addr, size_t len) {
     if (__atomic_load_n(&fp_live, __ATOMIC_RELAXED) == 0) return 0;
@@ -644,24 +696,29 @@ FP_HIDDEN int fp_region_overlaps(const void *addr, size_t len) {
     return found;
 }
 
-/* Removes [a, e) from r's pieces (already unmapped). Keeps a piece whole when there is no
- * room to split it: the region then stays registered until it is freed or the process exits. */
+/* How many pieces r has once [a, e) is removed. */
+static int fp_pieces_after(const struct fp_region *r, uintptr_t a, uintptr_t e) {
+    int n = 0;
+    for (int i = 0; i < r->npieces; i++) {
+        const struct fp_piece *p = &r->pieces[i];
+        if (p->end <= a || e <= p->start) n++;
+        else n += (p->start < a) + (e < p->end);
+    }
+    return n;
+}
+
+/* Removes [a, e) from r's pieces (already unmapped; fp_pieces_after said it fits). */
 static void fp_subtract_pieces(struct fp_region *r, uintptr_t a, uintptr_t e) {
     struct fp_piece out[sizeof(r->pieces) / sizeof(r->pieces[0])];
-    int n = 0, max = (int)(sizeof(out) / sizeof(out[0]));
+    int n = 0;
     for (int i = 0; i < r->npieces; i++) {
         struct fp_piece p = r->pieces[i];
         if (p.end <= a || e <= p.start) {
-            if (n < max) out[n++] = p;
-            continue;
-        }
-        int left = p.start < a, right = e < p.end;
-        if (left && right && n + 2 > max) {
             out[n++] = p;
             continue;
         }
-        if (left) out[n++] = (struct fp_piece){p.start, a};
-        if (right) out[n++] = (struct fp_piece){e, p.end};
+        if (p.start < a) out[n++] = (struct fp_piece){p.start, a};
+        if (e < p.end) out[n++] = (struct fp_piece){e, p.end};
     }
     memcpy(r->pieces, out, sizeof(out[0]) * (size_t)n);
     r->npieces = n;
@@ -670,16 +727,29 @@ static void fp_subtract_pieces(struct fp_region *r, uintptr_t a, uintptr_t e) {
 FP_HIDDEN int fp_region_unmap(void *addr, size_t len, int (*real_munmap)(void *, size_t)) {
     uintptr_t page = (uintptr_t)fp_page_size();
     uintptr_t a = (uintptr_t)addr, e = a + ((len + page - 1) & ~(page - 1));
+    if (len == 0 || (a & (page - 1)) || e < a) return real_munmap(addr, len); /* the kernel's EINVAL */
     pthread_mutex_lock(&fp_lock);
-    /* Unmap first, under the lock: no new mapping can take the range before the regions
-     * forget it, and a failing munmap changes nothing. */
-    int rc = real_munmap(addr, len);
-    if (rc != 0) {
-        int saved = errno;
-        pthread_mutex_unlock(&fp_lock);
-        errno = saved;
-        return rc;
+    /* A split the bookkeeping cannot record is refused before anything changes, as the
+     * kernel refuses one past vm.max_map_count. */
+    for (struct fp_region *r = fp_regions; r; r = r->next) {
+        if (fp_overlaps(r, a, e) && fp_pieces_after(r, a, e) > (int)(sizeof(r->pieces) / sizeof(r->pieces[0]))) {
+            pthread_mutex_unlock(&fp_lock);
+            fp_set_error(ENOMEM, "farpage: munmap would split a region into more than %d pieces",
+                         (int)(sizeof(r->pieces) / sizeof(r->pieces[0])));
+            return -1;
+        }
     }
+    /* The regions' parts of the range become reservations first (see fp_reserve), the
+     * agent lets go of them, and only then is the whole range unmapped. */
+    for (struct fp_region *r = fp_regions; r; r = r->next) {
+        if (!fp_overlaps(r, a, e)) continue;
+        for (int i = 0; i < r->npieces; i++) {
+            uintptr_t s = r->pieces[i].start > a ? r->pieces[i].start : a;
+            uintptr_t t = r->pieces[i].end < e ? r->pieces[i].end : e;
+            fp_reserve(s, t);
+        }
+    }
+    struct fp_region *released = NULL;
     struct fp_region *r = fp_regions;
     while (r) {
         struct fp_region *next = r->next;
@@ -687,35 +757,78 @@ FP_HIDDEN int fp_region_unmap(void *addr, size_t len, int (*real_munmap)(void *,
             fp_subtract_pieces(r, a, e);
             if (r->npieces == 0) {
                 fp_release_locked(r);
+                r->next = released;
+                released = r;
             } else if (!r->view) {
                 uintptr_t s = a > r->address ? a : r->address;
                 uintptr_t t = e < r->address + r->length ? e : r->address + r->length;
-                fp_drop_locked(r, s, t);
+                /* Dropped, and marked so that the agent never installs there again. */
+                fp_drop_locked(r, s, t, FP_ADVISE_GONE);
             }
         }
         r = next;
     }
+    int rc = real_munmap(addr, len);
+    int saved = errno;
     pthread_mutex_unlock(&fp_lock);
-    return 0;
+    while (released) {
+        struct fp_region *next = released->next;
+        free(released);
+        released = next;
+    }
+    errno = saved;
+    return rc;
 }
 
-FP_HIDDEN int fp_region_discard(void *addr, size_t len) {
+struct fp_span {
+    uintptr_t start, end;
+};
+
+static int fp_span_cmp(const void *x, const void *y) {
+    const struct fp_span *a = x, *b = y;
+    return (a->start > b->start) - (a->start < b->start);
+}
+
+FP_HIDDEN int fp_region_discard(void *addr, size_t len, int advice, int (*real_madvise)(void *, size_t, int)) {
     uintptr_t page = (uintptr_t)fp_page_size();
     uintptr_t a = (uintptr_t)addr, e = a + ((len + page - 1) & ~(page - 1));
-    int rc = 0;
+    if ((a & (page - 1)) || e < a) {
+        errno = EINVAL;
+        return -1;
+    }
+    enum { MAX_SPANS = 128 };
+    struct fp_span spans[MAX_SPANS];
+    int nspans = 0, rc = 0, overflow = 0;
     pthread_mutex_lock(&fp_lock);
     for (struct fp_region *r = fp_regions; r; r = r->next) {
         if (!fp_overlaps(r, a, e)) continue;
-        uintptr_t s = a > r->address ? a : r->address;
-        uintptr_t t = e < r->address + r->length ? e : r->address + r->length;
-        if (r->view) {
-            memset((void *)s, 0, t - s);
-        } else if (fp_drop_locked(r, s, t) < 0) {
-            rc = -1;
+        for (int i = 0; i < r->npieces; i++) {
+            uintptr_t s = r->pieces[i].start > a ? r->pieces[i].start : a;
+            uintptr_t t = r->pieces[i].end < e ? r->pieces[i].end : e;
+            if (s >= t) continue;
+            if (nspans < MAX_SPANS) spans[nspans++] = (struct fp_span){s, t};
+            else overflow = 1;
+            if (r->view) fp_zero_view(r, s, t);
+            else if (fp_drop_locked(r, s, t, FARPAGE_ADVISE_DONTNEED) < 0) rc = -1;
         }
     }
     int saved = errno;
     pthread_mutex_unlock(&fp_lock);
+    /* The rest of the range is ordinary memory: the kernel's. */
+    if (overflow) {
+        if (advice != MADV_REMOVE && real_madvise(addr, len, advice) != 0) rc = -1;
+    } else {
+        qsort(spans, (size_t)nspans, sizeof(spans[0]), fp_span_cmp);
+        uintptr_t at = a;
+        for (int i = 0; i <= nspans; i++) {
+            uintptr_t until = i < nspans ? spans[i].start : e;
+            if (until > at && real_madvise((void *)at, until - at, advice) != 0) {
+                saved = errno;
+                rc = -1;
+            }
+            if (i < nspans && spans[i].end > at) at = spans[i].end;
+        }
+    }
     errno = saved;
     return rc;
 }
@@ -727,9 +840,9 @@ FP_HIDDEN void fp_region_shrink(void *addr, size_t keep) {
     if (r && r->address == (uintptr_t)addr) {
         uintptr_t from = r->address + ((keep + page - 1) & ~(page - 1));
         if (r->view)
-            memset((void *)from, 0, r->address + r->length - from);
+            fp_zero_view(r, from, r->address + r->length);
         else
-            fp_drop_locked(r, from, r->address + r->length);
+            fp_drop_locked(r, from, r->address + r->length, FARPAGE_ADVISE_DONTNEED);
     }
     pthread_mutex_unlock(&fp_lock);
 }

@@ -12,6 +12,11 @@
 
 #define FP_HIDDEN __attribute__((visibility("hidden")))
 
+/* ADVISE hint the library sends after unmapping part of a region: the pages are dropped and
+ * the agent never installs there again (not part of farpage.h: only the library knows when
+ * a range is really unmapped). */
+#define FP_ADVISE_GONE 5
+
 /* Creates a region of `size` bytes (rounded up to pages) at an address aligned to `align`
  * (0 or a power of two; the page size at least). NULL with errno and farpage_last_error()
  * set on failure. */
@@ -31,9 +36,10 @@ FP_HIDDEN int fp_region_overlaps(const void *addr, size_t len);
  * munmap's result. */
 FP_HIDDEN int fp_region_unmap(void *addr, size_t len, int (*real_munmap)(void *, size_t));
 
-/* madvise(MADV_DONTNEED/MADV_FREE) over regions: the pages read as zeros after.
+/* madvise(MADV_DONTNEED/MADV_FREE/MADV_REMOVE) over a range that overlaps regions: their
+ * pages read as zeros after; the parts of the range outside regions go to `real_madvise`.
  * Returns 0 or -1 with errno set. */
-FP_HIDDEN int fp_region_discard(void *addr, size_t len);
+FP_HIDDEN int fp_region_discard(void *addr, size_t len, int advice, int (*real_madvise)(void *, size_t, int));
 
 /* A region shrinks to `keep` bytes in place: the pages after it are dropped. */
 FP_HIDDEN void fp_region_shrink(void *addr, size_t keep);

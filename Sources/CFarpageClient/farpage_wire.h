@@ -22,6 +22,7 @@ enum {
     FPW_POOL_JSON = 10,   /* empty body; reply JSON */
     FPW_POOL_REMOVE = 11, /* body: "HOST:PORT"; drop without draining (its pages are lost) */
     FPW_REGISTER_VIEW = 12, /* body fpw_register_view; fds: the region's memfd, a uffd; reply OK(view id) */
+    FPW_FORK_PREPARE = 13,  /* empty body; reply OK: regions released soon after stay viewable a while */
     FPW_OK = 0x81,        /* body fpw_ok */
     FPW_ERROR = 0x82,     /* body fpw_error + message text */
     FPW_STATS_REPLY = 0x83, /* body u32 count, u32 pad, count x u64 */

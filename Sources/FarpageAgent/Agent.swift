@@ -169,6 +169,7 @@ public final class Agent: @unchecked Sendable {
             guard Double(now - last) / 1e9 >= config.poolHeartbeatSeconds else { continue }
             last = now
             store.heartbeat()
+            purgeLingering()
             let pending = pendingServers.withLock { $0 }
             for address in pending {
                 if (try? store.attach(address: address)) != nil {
@@ -195,10 +196,27 @@ public final class Agent: @unchecked Sendable {
         return region
     }
 
-    func removeRegion(id: UInt64, reason: String) {
+    /// Regions released by a client that forked moments before: kept (closed) a few seconds
+    /// so that the child's views can still attach; by id, with the deadline (monotonic ns).
+    let lingering = Mutex<[UInt64: (region: Region, until: UInt64)]>([:])
+
+    func lingeringRegion(_ id: UInt64) -> Region? { lingering.withLock { $0[id]?.region } }
+
+    /// Drops lingering regions whose time is up (their pages and slots go once no view holds them).
+    func purgeLingering() {
+        let now = monotonicNanoseconds()
+        lingering.withLock { l in l = l.filter { $0.value.until > now } }
+    }
+
+    func removeRegion(id: UInt64, reason: String, linger: Bool = false) {
         guard let region = registry.regions.withLock({ $0.removeValue(forKey: id) }) else { return }
-        region.close()
+        // Synchronous: once the client hears back, nothing of ours touches its range again.
+        region.closeAndDrain()
         faults.remove(regionID: id)
+        if linger {
+            let until = monotonicNanoseconds() + ControlServer.forkLingerNanoseconds
+            lingering.withLock { $0[id] = (region, until) }
+        }
         let s = region.snapshot()
         retired.withLock { $0 = $0 + s }
         logger.info(
@@ -228,6 +246,7 @@ public final class Agent: @unchecked Sendable {
 
     func removeView(id: UInt64, reason: String) {
         guard let view = views.withLock({ $0.removeValue(forKey: id) }) else { return }
+        view.closeAndDrain()
         faults.remove(regionID: id)
         logger.info("forked child's view released",
                     metadata: ["fp.view": "\(id)", "fp.region": "\(view.source.id)", "fp.reason": "\(reason)",

@@ -16,6 +16,10 @@ final class ControlServer: @unchecked Sendable {
         let pidfd: OwnedDescriptor?
         var regions: Set<UInt64> = []
         var views: Set<UInt64> = []
+        /// When the client last said it was forking (FORK_PREPARE), monotonic ns; 0: never.
+        var lastFork: UInt64 = 0
+        /// Regions released now linger for the child's views when the client forked lately.
+        var lingerAfterRelease: Bool { lastFork != 0 && monotonicNanoseconds() - lastFork < ControlServer.forkLingerNanoseconds }
         init(id: UInt64, socket: SeqPacketSocket, peer: PeerCredentials, pidfd: OwnedDescriptor?) {
             self.id = id
             self.socket = socket
@@ -24,6 +28,8 @@ final class ControlServer: @unchecked Sendable {
         }
     }
 
+    /// How long regions stay available to a child's views after a parent that forked releases them.
+    static let forkLingerNanoseconds: UInt64 = 5_000_000_000
     private static let wakeToken: UInt64 = 0
     private static let listenToken: UInt64 = 1
     private static let pidfdFlag: UInt64 = 1 << 63
@@ -117,7 +123,8 @@ final class ControlServer: @unchecked Sendable {
         guard connections.removeValue(forKey: c.id) != nil else { return }
         epoll.remove(c.socket.rawValue)
         if let pidfd = c.pidfd { epoll.remove(pidfd.rawValue) }
-        for id in c.regions.sorted() { agent.removeRegion(id: id, reason: reason) }
+        let linger = c.lingerAfterRelease
+        for id in c.regions.sorted() { agent.removeRegion(id: id, reason: reason, linger: linger) }
         for id in c.views.sorted() { agent.removeView(id: id, reason: reason) }
         logger.debug("client disconnected", metadata: ["fp.pid": "\(c.peer.pid)", "fp.reason": "\(reason)"])
     }
@@ -179,7 +186,7 @@ final class ControlServer: @unchecked Sendable {
             }
         case .unregister(let id):
             if c.regions.remove(id) != nil {
-                agent.removeRegion(id: id, reason: "freed by the client")
+                agent.removeRegion(id: id, reason: "freed by the client", linger: c.lingerAfterRelease)
                 reply = .ok(id, 0)
             } else if c.views.remove(id) != nil {
                 agent.removeView(id: id, reason: "unmapped by the child")
@@ -204,6 +211,9 @@ final class ControlServer: @unchecked Sendable {
         case .regionsJSON:
             return sendJSON(agent.regionReports(), requestID: header.requestID, on: c)
         case .ping: reply = .ok(0, 0)
+        case .forkPrepare:
+            c.lastFork = monotonicNanoseconds()
+            reply = .ok(0, 0)
         case .poolAttach(let address):
             guard c.peer.uid == 0 || c.peer.uid == getuid() else {
                 reply = error(EPERM, .invalidArgument, "only root or the agent's user may change the pool")
@@ -338,8 +348,16 @@ final class ControlServer: @unchecked Sendable {
             return error(ENOMEM, .limit, "the agent already manages agent.max_regions (\(config.maxRegions)) regions")
         }
         let end = r.address + r.length
+        // Another region of the process over this range is refused, unless the client unmapped
+        // that part of it (a partial munmap leaves untouched pages the kernel may map again).
         let overlapping = agent.allRegions().first { other in
-            other.spec.owner.pid == c.peer.pid && other.spec.address < end && r.address < other.spec.address + other.spec.length
+            guard other.spec.owner.pid == c.peer.pid, other.spec.address < end,
+                r.address < other.spec.address + other.spec.length
+            else { return false }
+            let page = UInt64(other.spec.pageSize)
+            let lo = Int((max(r.address, other.spec.address) - other.spec.address) / page)
+            let hi = Int((min(end, other.spec.address + other.spec.length) - other.spec.address + page - 1) / page)
+            return !other.allUntouched(lo..<hi)
         }
         if let o = overlapping {
             return error(EEXIST, .overlap, "the range overlaps region \(o.id) of the same process")
@@ -371,7 +389,7 @@ final class ControlServer: @unchecked Sendable {
             return error(EBADF, .badDescriptor,
                          "REGISTER_VIEW needs exactly 2 descriptors (the region's memfd, a userfaultfd); got \(descriptors.count)")
         }
-        guard let region = agent.region(v.regionID) else {
+        guard let region = agent.region(v.regionID) ?? agent.lingeringRegion(v.regionID) else {
             return error(ENOENT, .notFound, "region \(v.regionID) is not registered (its owner may have exited)")
         }
         guard c.peer.uid == 0 || c.peer.uid == region.spec.owner.uid else {
@@ -413,14 +431,17 @@ final class ControlServer: @unchecked Sendable {
         }
         var first = a.offset / page
         var last = (a.offset + a.length + page - 1) / page
-        if hint == .dontNeed {
+        if hint == .dontNeed || hint == .gone {
             // Only whole pages are dropped, as madvise(MADV_DONTNEED) requires alignment.
             first = (a.offset + page - 1) / page
             last = (a.offset + a.length) / page
         }
         if last > first {
-            region.advise(firstPage: Int(first), count: Int(last - first), hint: hint, staging: staging,
-                          evictStaging: evictStaging)
+            let complete = region.advise(firstPage: Int(first), count: Int(last - first), hint: hint, staging: staging,
+                                         evictStaging: evictStaging)
+            if !complete {
+                return error(EAGAIN, .busy, "some pages of the range stayed in flight and keep their data; retry")
+            }
         }
         return .ok(0, 0)
     }

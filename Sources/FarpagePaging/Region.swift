@@ -125,7 +125,31 @@ public final class Region: @unchecked Sendable {
 
     public var isClosed: Bool { closed.load(ordering: .acquiring) }
     /// Stops all further work on the region (faults are no longer served; eviction stops).
-    public func close() { closed.store(true, ordering: .releasing) }
+    public func close() { closed.store(true, ordering: .sequentiallyConsistent) }
+
+    /// Operations under way that may touch the client's address range (uffd ioctls).
+    let inFlight = Atomic<Int>(0)
+
+    /// Enters an operation that may touch the client's address range; false once closed.
+    /// (Dekker-style with `closeAndDrain`: each side writes, then reads the other's flag.)
+    @inline(__always) func enter() -> Bool {
+        inFlight.wrappingAdd(1, ordering: .sequentiallyConsistent)
+        if closed.load(ordering: .sequentiallyConsistent) {
+            inFlight.wrappingSubtract(1, ordering: .sequentiallyConsistent)
+            return false
+        }
+        return true
+    }
+    @inline(__always) func leave() { inFlight.wrappingSubtract(1, ordering: .sequentiallyConsistent) }
+
+    /// Closes the region and waits until no operation on it is under way. After this the
+    /// agent never touches the client's range through this region's uffd again, so the
+    /// client may map something else there: the kernel lets a uffd install pages into any
+    /// registered mapping of the same process, not only its own.
+    public func closeAndDrain() {
+        close()
+        while inFlight.load(ordering: .sequentiallyConsistent) > 0 { usleep(50) }
+    }
 
     public var residentPages: Int { core.withLock { $0.resident } }
 
@@ -170,7 +194,15 @@ extension Region {
     public func handleFault(address: UInt64, write: Bool, writeProtect: Bool, staging: StagingBuffer,
                             evictStaging: StagingBuffer) -> Bool
     {
-        guard !isClosed else { return false }
+        guard enter() else { return false }
+        defer { leave() }
+        return serveFault(address: address, write: write, writeProtect: writeProtect, staging: staging,
+                          evictStaging: evictStaging)
+    }
+
+    private func serveFault(address: UInt64, write: Bool, writeProtect: Bool, staging: StagingBuffer,
+                            evictStaging: StagingBuffer) -> Bool
+    {
         let pageAddress = address & ~UInt64(spec.pageSize - 1)
         guard pageAddress >= spec.address, pageAddress - spec.address < spec.length else {
             logger.warning("fault outside the region", metadata: ["fp.address": "\(address)"])
@@ -463,7 +495,8 @@ extension Region {
     /// Evicts up to `maxPages` cold pages by the protocol in DESIGN.md: write-protect, copy out,
     /// store, punch; a write fault in between cancels a page's eviction. Returns pages freed.
     public func evict(maxPages: Int, staging: StagingBuffer) -> Int {
-        guard !isClosed else { return 0 }
+        guard enter() else { return 0 }
+        defer { leave() }
         let limit = min(maxPages, staging.pages)
         var victims: [(page: Int, kind: EvictionKind)] = []
         victims.reserveCapacity(limit)
@@ -684,11 +717,20 @@ public enum AdviceHint: UInt32, Sendable {
     case willNeed = 2
     case dontNeed = 3
     case random = 4
+    /// The client unmapped the range (a partial munmap): dropped as by DONTNEED, then the
+    /// pages are marked so that nothing (fetch-ahead above all) ever installs there again:
+    /// the kernel may give those addresses to another registered mapping of the process.
+    case gone = 5
 }
 
 extension Region {
     /// Applies a hint to pages [first, first+count). Runs on the control thread.
-    public func advise(firstPage: Int, count: Int, hint: AdviceHint, staging: StagingBuffer, evictStaging: StagingBuffer) {
+    /// - Returns: false when `DONTNEED` left pages in flight (they keep their data; the
+    ///   client is told to retry).
+    @discardableResult
+    public func advise(firstPage: Int, count: Int, hint: AdviceHint, staging: StagingBuffer, evictStaging: StagingBuffer) -> Bool {
+        guard enter() else { return true }
+        defer { leave() }
         let range = firstPage..<(firstPage + count)
         switch hint {
         case .normal, .random:
@@ -724,7 +766,7 @@ extension Region {
                     install(page: page, from: staging.page(0), writable: false, prefetch: true, wakeAfterCommit: true)
                 }
             }
-        case .dontNeed:
+        case .dontNeed, .gone:
             var release: [PageLocation] = []
             var punch: [Int] = []
             var pending = Array(range)
@@ -750,7 +792,8 @@ extension Region {
                 }
             }
             if !pending.isEmpty {
-                logger.warning("DONTNEED left pages that stayed in flight", metadata: ["fp.pages": "\(pending.count)"])
+                logger.warning("DONTNEED left pages that stayed in flight; the client retries",
+                               metadata: ["fp.pages": "\(pending.count)"])
             }
             punch.sort()
             store.release(release)
@@ -773,7 +816,25 @@ extension Region {
             punch = punch.filter { !unpunched.contains($0) }
             agentBudget.add(-punch.count)
             forEachRun(punch) { start, n in uffd.wake(address: address(ofPage: start), length: UInt64(n * spec.pageSize)) }
+            if hint == .gone {
+                core.withLock { c in
+                    for page in range where c.table[page].state == .untouched {
+                        var e = c.table[page]
+                        e.state = .lost
+                        c.table[page] = e
+                    }
+                }
+            }
+            return pending.isEmpty
         }
+        return true
+    }
+
+    /// Whether no page of `pages` holds data (untouched, or gone after a partial munmap):
+    /// nothing of the region lives there.
+    public func allUntouched(_ pages: Range<Int>) -> Bool {
+        let r = pages.clamped(to: 0..<pageCount)
+        return core.withLock { c in r.allSatisfy { c.table[$0].state == .untouched || c.table[$0].state == .lost } }
     }
 }
 

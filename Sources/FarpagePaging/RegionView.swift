@@ -1,6 +1,7 @@
 import FarpageKernel
 import FarpageTiers
 import Logging
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -34,6 +35,15 @@ public final class RegionView: FaultTarget, @unchecked Sendable {
     let zeroPage: UnsafeMutableRawPointer
     let logger: Logger
     public let counters = RegionCounters()
+    let closed = Atomic<Bool>(false)
+    let inFlight = Atomic<Int>(0)
+
+    /// Stops serving and waits until no install into the child's range is under way (the
+    /// child may map something else there once the view is gone).
+    public func closeAndDrain() {
+        closed.store(true, ordering: .sequentiallyConsistent)
+        while inFlight.load(ordering: .sequentiallyConsistent) > 0 { usleep(50) }
+    }
     /// Faults served for the child.
     public var faultCount: UInt64 { counters.missingFaults.value }
 
@@ -54,6 +64,9 @@ public final class RegionView: FaultTarget, @unchecked Sendable {
     public func handleFault(address: UInt64, write: Bool, writeProtect: Bool, staging: StagingBuffer,
                             evictStaging: StagingBuffer) -> Bool
     {
+        inFlight.wrappingAdd(1, ordering: .sequentiallyConsistent)
+        defer { inFlight.wrappingSubtract(1, ordering: .sequentiallyConsistent) }
+        guard !closed.load(ordering: .sequentiallyConsistent) else { return false }
         let spec = source.spec
         let pageAddress = address & ~UInt64(spec.pageSize - 1)
         guard !writeProtect, pageAddress >= spec.address, pageAddress - spec.address < spec.length else { return false }

@@ -127,4 +127,6 @@ public enum ErrorCode: UInt32, Sendable {
     case notFound = 6
     case kernel = 7
     case shuttingDown = 8
+    /// Pages of the range were busy (in flight); nothing was lost, retry.
+    case busy = 9
 }

@@ -27,6 +27,7 @@ public enum MessageType: UInt16, Sendable {
     case poolJSON = 10
     case poolRemove = 11
     case registerView = 12
+    case forkPrepare = 13
     case ok = 0x81
     case error = 0x82
     case statsReply = 0x83
@@ -98,6 +99,9 @@ public struct RegisterViewRequest: Equatable, Sendable {
 public enum Request: Equatable, Sendable {
     case register(RegisterRequest)
     case registerView(RegisterViewRequest)
+    /// The client is about to fork: regions it releases in the next seconds stay available
+    /// to its children's views for a few seconds.
+    case forkPrepare
     case unregister(regionID: UInt64)
     case advise(AdviseRequest)
     case stats(regionID: UInt64)
@@ -180,6 +184,9 @@ extension Wire {
         case .registerView:
             try need(registerViewBodySize, "REGISTER_VIEW")
             return (h, .registerView(RegisterViewRequest(regionID: r.u64(), address: r.u64(), length: r.u64())))
+        case .forkPrepare:
+            try need(0, "FORK_PREPARE")
+            return (h, .forkPrepare)
         case .unregister:
             try need(8, "UNREGISTER")
             return (h, .unregister(regionID: r.u64()))
@@ -244,6 +251,7 @@ extension Wire {
             w.u64(q.regionID)
             w.u64(q.address)
             w.u64(q.length)
+        case .forkPrepare: type = .forkPrepare
         case .unregister(let id):
             type = .unregister
             w.u64(id)
