@@ -349,7 +349,7 @@ final class ControlServer: @unchecked Sendable {
         }
         let end = r.address + r.length
         // Another region of the process over this range is refused, unless the client unmapped
-        // that part of it (a partial munmap leaves untouched pages the kernel may map again).
+        // that part of it (a partial munmap: the kernel may map something else there).
         let overlapping = agent.allRegions().first { other in
             guard other.spec.owner.pid == c.peer.pid, other.spec.address < end,
                 r.address < other.spec.address + other.spec.length
@@ -357,7 +357,7 @@ final class ControlServer: @unchecked Sendable {
             let page = UInt64(other.spec.pageSize)
             let lo = Int((max(r.address, other.spec.address) - other.spec.address) / page)
             let hi = Int((min(end, other.spec.address + other.spec.length) - other.spec.address + page - 1) / page)
-            return !other.allUntouched(lo..<hi)
+            return !other.isGone(lo..<hi)
         }
         if let o = overlapping {
             return error(EEXIST, .overlap, "the range overlaps region \(o.id) of the same process")

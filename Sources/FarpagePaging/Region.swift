@@ -87,6 +87,8 @@ public final class Region: @unchecked Sendable {
         var window = 16
         /// Advised RANDOM for the whole region: no fetch-ahead.
         var random = false
+        /// Ranges the client unmapped (ADVISE GONE after a partial munmap), merged.
+        var gone: [Range<Int>] = []
     }
     let core: Mutex<Core>
     let closed = Atomic<Bool>(false)
@@ -823,6 +825,18 @@ extension Region {
                         e.state = .lost
                         c.table[page] = e
                     }
+                    // Merged, so the list stays as short as the region's holes.
+                    var all = (c.gone + [range]).sorted { $0.lowerBound < $1.lowerBound }
+                    var merged: [Range<Int>] = []
+                    for r in all {
+                        if let last = merged.last, r.lowerBound <= last.upperBound {
+                            merged[merged.count - 1] = last.lowerBound..<max(last.upperBound, r.upperBound)
+                        } else {
+                            merged.append(r)
+                        }
+                    }
+                    all = merged
+                    c.gone = all
                 }
             }
             return pending.isEmpty
@@ -830,11 +844,12 @@ extension Region {
         return true
     }
 
-    /// Whether no page of `pages` holds data (untouched, or gone after a partial munmap):
-    /// nothing of the region lives there.
-    public func allUntouched(_ pages: Range<Int>) -> Bool {
+    /// Whether the client unmapped all of `pages` (ADVISE GONE): the kernel may map
+    /// something else there, and nothing of the region lives there any more.
+    public func isGone(_ pages: Range<Int>) -> Bool {
         let r = pages.clamped(to: 0..<pageCount)
-        return core.withLock { c in r.allSatisfy { c.table[$0].state == .untouched || c.table[$0].state == .lost } }
+        if r.isEmpty { return true }
+        return core.withLock { c in c.gone.contains { $0.lowerBound <= r.lowerBound && r.upperBound <= $0.upperBound } }
     }
 }
 

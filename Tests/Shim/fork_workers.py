@@ -27,8 +27,15 @@ def main():
     expected = [float(np.sum(data[i * len(data) // 8:(i + 1) * len(data) // 8])) for i in range(8)]
     before = data.copy()
     ctx = mp.get_context("fork")
-    with ctx.Pool(2) as pool:
+    # close() + join(), not the with-block's terminate(): terminate() racing the pool's
+    # worker handler can start a replacement worker that then waits forever on the task
+    # queue's lock (a CPython Pool race, more likely the slower fork is).
+    pool = ctx.Pool(2)
+    try:
         got = pool.map(work, range(8))
+    finally:
+        pool.close()
+        pool.join()
     if got != expected:
         print(f"workers' sums differ: {got} vs {expected}")
         return 1

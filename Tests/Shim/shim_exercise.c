@@ -4,7 +4,7 @@
  * shim (FARPAGE_EXPECT_FAR=1) it also checks that large allocations are far (farpage_stats
  * answers for them) and small ones are not, and that regions are released.
  *
- *   fp-shim-exercise [--size BYTES] [--threads N] [--fork-exec-rounds N]
+ *   fp-shim-exercise [--size BYTES] [--threads N] [--fork-exec-rounds N] [--stress-seconds S]
  *   fp-shim-exercise --expect-refusal    (FARPAGE_STRICT=1 with no agent: large allocations fail)
  *
  * Prints one line per check and "ok: N checks" at the end; exits 1 on the first failure
@@ -27,6 +27,7 @@
 static size_t big = 16u << 20; /* default: 16 MiB per large allocation */
 static int threads = 4;
 static int fork_exec_rounds = 20;
+static int stress_seconds = 3;
 static int expect_far;
 static int checks;
 static int (*stats_fn)(const void *, struct farpage_stats *);
@@ -331,6 +332,172 @@ static void test_fork(void) {
     munmap(m, big);
 }
 
+/* Regressions from review: each once lost data or crashed under the shim only. */
+static void test_regressions(void) {
+    /* (1) Many partial unmaps of one region: the bookkeeping either records each split or
+     * refuses the munmap (ENOMEM, as the kernel past vm.max_map_count); the pages still
+     * mapped keep their bytes either way. */
+    size_t pages = 64, n = big; /* holes in the first 64 pages of a far-sized block */
+    char *m = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(m != MAP_FAILED, "mmap");
+    fill(m, n, 40);
+    char mapped[64];
+    memset(mapped, 1, sizeof(mapped));
+    int refused = 0;
+    for (size_t i = 1; i < pages; i += 2) {
+        if (munmap(m + i * PAGE, PAGE) == 0) {
+            mapped[i] = 0;
+        } else {
+            CHECK(errno == ENOMEM, "partial munmap failed with %s", strerror(errno));
+            refused++;
+        }
+    }
+    for (size_t i = 0; i < pages; i++)
+        if (mapped[i])
+            for (size_t j = i * PAGE; j < (i + 1) * PAGE; j += 256)
+                CHECK((uint8_t)m[j] == stamp(40, j), "page %zu lost after %d refused splits", i, refused);
+    for (size_t j = pages * PAGE; j < n; j += 4096) CHECK((uint8_t)m[j] == stamp(40, j), "tail lost at %zu", j);
+    if (expect_far) CHECK(refused > 0, "a far region took %zu splits: the bookkeeping's limit was not reached", pages / 2);
+    for (size_t i = 0; i < pages; i++)
+        if (mapped[i]) CHECK(munmap(m + i * PAGE, PAGE) == 0, "munmap page %zu", i);
+    CHECK(munmap(m + pages * PAGE, n - pages * PAGE) == 0, "munmap tail");
+    printf("partial munmaps: %d splits refused, the rest intact\n", refused);
+
+    /* (2) Ordinary memory mapped into a region's hole is the kernel's: DONTNEED zeroes it. */
+    char *r = mmap(NULL, big, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(r != MAP_FAILED, "mmap");
+    fill(r, big, 41);
+    size_t q = big / 4;
+    CHECK(munmap(r + q, q) == 0, "munmap hole");
+    char *o = mmap(r + q, PAGE * 4, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    CHECK(o == r + q, "mapping into the hole");
+    memset(o, 0xab, PAGE * 4);
+    CHECK(madvise(o, PAGE * 4, MADV_DONTNEED) == 0, "madvise");
+    CHECK(first_nonzero(o, PAGE * 4) < 0, "DONTNEED of ordinary memory in a region's hole kept its bytes");
+    /* A DONTNEED spanning the region and the ordinary memory zeroes both. */
+    CHECK(madvise(r + q - PAGE, PAGE * 2, MADV_DONTNEED) == 0, "madvise across");
+    CHECK(first_nonzero(r + q - PAGE, PAGE * 2) < 0, "DONTNEED across region and ordinary memory");
+    munmap(o, PAGE * 4);
+    munmap(r, q);
+    munmap(r + 2 * q, 2 * q);
+    printf("holes: ordinary memory in a region's hole is left to the kernel\n");
+
+    /* (3) The parent frees a block right after fork; the child still reads it. */
+    char *b = malloc(big);
+    CHECK(b, "malloc");
+    fill(b, big, 42);
+    pid_t child = fork();
+    CHECK(child >= 0, "fork");
+    if (child == 0) {
+        usleep(200000);
+        _exit(verify(b, big, 42) < 0 ? 0 : 3);
+    }
+    free(b);
+    int status = 0;
+    waitpid(child, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "a child whose parent freed the block after fork failed (0x%x)",
+          status);
+
+    /* (4) A child's DONTNEED: zeros on its view, ENOMEM over an unmapped hole (as the kernel). */
+    char *v = mmap(NULL, big, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(v != MAP_FAILED, "mmap");
+    fill(v, big, 43);
+    CHECK(munmap(v + q, PAGE) == 0, "hole");
+    child = fork();
+    CHECK(child >= 0, "fork");
+    if (child == 0) {
+        if (madvise(v, PAGE * 2, MADV_DONTNEED) != 0 || first_nonzero(v, PAGE * 2) >= 0) _exit(3);
+        if (v[2 * PAGE] != (char)stamp(43, 2 * PAGE)) _exit(4);
+        errno = 0;
+        if (madvise(v + q - PAGE, PAGE * 3, MADV_DONTNEED) == 0 || errno != ENOMEM) _exit(5);
+        _exit(0);
+    }
+    waitpid(child, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child DONTNEED on its view (exit 0x%x)", status);
+    CHECK(verify(v, q, 43) < 0, "the parent's block changed after its child's DONTNEED");
+    munmap(v, q);
+    munmap(v + q + PAGE, big - q - PAGE);
+    printf("fork: parent frees after fork, child DONTNEED\n");
+}
+
+/* Threads allocating, growing, unmapping in parts and dropping, while a thread forks:
+ * addresses are reused all the time, the case where a stale install once landed in a new
+ * region at a freed one's address. */
+static volatile int stress_stop;
+static long stress_errors;
+static void *stress_worker(void *arg) {
+    unsigned rs = (unsigned)(uintptr_t)arg * 7919u;
+    long iterations = 0;
+    while (!stress_stop) {
+        iterations++;
+        uint64_t seed = (uint64_t)rand_r(&rs);
+        size_t n = (size_t)(2 + rand_r(&rs) % 7) << 20;
+        char *p = malloc(n);
+        if (!p) { __atomic_add_fetch(&stress_errors, 1, __ATOMIC_RELAXED); continue; }
+        fill(p, n, seed);
+        size_t m = (size_t)(1 + rand_r(&rs) % 10) << 20;
+        char *q = realloc(p, m);
+        if (!q) { free(p); __atomic_add_fetch(&stress_errors, 1, __ATOMIC_RELAXED); continue; }
+        if (verify(q, n < m ? n : m, seed) >= 0) {
+            fprintf(stderr, "stress: realloc lost bytes\n");
+            __atomic_add_fetch(&stress_errors, 1, __ATOMIC_RELAXED);
+        }
+        free(q);
+        size_t len = 8u << 20;
+        char *r = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (r == MAP_FAILED) { __atomic_add_fetch(&stress_errors, 1, __ATOMIC_RELAXED); continue; }
+        fill(r, len, seed + 1);
+        munmap(r + len / 2, len / 2);
+        char *s = mremap(r, len / 2, len, MREMAP_MAYMOVE);
+        if (s == MAP_FAILED) { munmap(r, len / 2); __atomic_add_fetch(&stress_errors, 1, __ATOMIC_RELAXED); continue; }
+        if (verify(s, len / 2, seed + 1) >= 0) {
+            fprintf(stderr, "stress: mremap lost bytes\n");
+            __atomic_add_fetch(&stress_errors, 1, __ATOMIC_RELAXED);
+        }
+        madvise(s, 1u << 20, MADV_DONTNEED);
+        if (first_nonzero(s, 1u << 20) >= 0) {
+            fprintf(stderr, "stress: DONTNEED page not zero\n");
+            __atomic_add_fetch(&stress_errors, 1, __ATOMIC_RELAXED);
+        }
+        munmap(s, len);
+    }
+    return (void *)iterations;
+}
+
+static void test_stress(int seconds) {
+    size_t stable_len = 16u << 20;
+    char *stable = malloc(stable_len);
+    CHECK(stable, "malloc");
+    fill(stable, stable_len, 44);
+    pthread_t t[16];
+    int n = threads > 16 ? 16 : threads;
+    stress_stop = 0;
+    for (int i = 0; i < n; i++) pthread_create(&t[i], NULL, stress_worker, (void *)(uintptr_t)(i + 1));
+    double until = now_seconds() + seconds;
+    int kids = 0;
+    while (now_seconds() < until) {
+        pid_t c = fork();
+        CHECK(c >= 0, "fork");
+        if (c == 0) _exit(verify(stable, stable_len, 44) < 0 ? 0 : 3);
+        int status = 0;
+        waitpid(c, &status, 0);
+        CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "a child forked mid-stress failed (0x%x)", status);
+        kids++;
+        usleep(50000);
+    }
+    stress_stop = 1;
+    long total = 0;
+    for (int i = 0; i < n; i++) {
+        void *r = NULL;
+        pthread_join(t[i], &r);
+        total += (long)r;
+    }
+    CHECK(stress_errors == 0, "%ld errors in %ld stress iterations", stress_errors, total);
+    CHECK(verify(stable, stable_len, 44) < 0, "the stable block changed during the stress");
+    free(stable);
+    printf("stress: %ld iterations on %d threads, %d children forked, no error\n", total, n, kids);
+}
+
 static void *thread_body(void *arg) {
     uint64_t seed = (uint64_t)(uintptr_t)arg;
     for (int i = 0; i < 6; i++) {
@@ -387,6 +554,7 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "--size") && i + 1 < argc) big = strtoull(argv[++i], NULL, 0);
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--fork-exec-rounds") && i + 1 < argc) fork_exec_rounds = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--stress-seconds") && i + 1 < argc) stress_seconds = atoi(argv[++i]);
         else {
             fprintf(stderr, "usage: %s [--size BYTES] [--threads N] [--fork-exec-rounds N]\n", argv[0]);
             return 2;
@@ -406,6 +574,8 @@ int main(int argc, char **argv) {
     test_mappings();
     test_fork();
     test_threads();
+    test_regressions();
+    if (stress_seconds > 0) test_stress(stress_seconds);
     if (expect_far) {
         struct farpage_stats s;
         CHECK(stats_fn(NULL, &s) == 0, "agent stats");
