@@ -237,3 +237,23 @@ public struct SplitMix: Sendable {
         return z ^ (z >> 31)
     }
 }
+
+/// SIGSTOP, then waits (up to 2 s) until every thread of the process is stopped: `kill`
+/// returns before the stop takes effect, and a thread running on another CPU may still
+/// answer a request sent right after it.
+public func stopProcess(_ pid: pid_t) {
+    kill(pid, SIGSTOP)
+    let deadline = monotonicNanoseconds() + 2_000_000_000
+    while monotonicNanoseconds() < deadline {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        let allStopped = !tasks.isEmpty && tasks.allSatisfy { tid in
+            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/task/\(tid)/stat", encoding: .utf8),
+                let close = stat.lastIndex(of: ")")
+            else { return true }  // the thread is gone
+            let state = stat[stat.index(close, offsetBy: 2)]
+            return state == "T" || state == "t"
+        }
+        if allStopped { return }
+        usleep(1000)
+    }
+}

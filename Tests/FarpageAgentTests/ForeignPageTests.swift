@@ -56,7 +56,7 @@ struct ForeignPageTests {
 
         // Freeze the agent so that the client's fault is pending while the page gets populated.
         let target = 3
-        kill(agent.pid, SIGSTOP)
+        stopProcess(agent.pid)
         // kill() returns before every thread has stopped (a fault thread may be polling on the
         // other CPU): wait until all of them show state T, or the fault may still be served.
         let stopDeadline = Date().addingTimeInterval(5)

@@ -44,7 +44,7 @@ struct PoolStoreTests {
         let slot = try #require(onServer)
         let used = store.usedPages
         // The server stops answering: the heartbeat marks it failed.
-        kill(server.process.processIdentifier, SIGSTOP)
+        stopProcess(server.process.processIdentifier)
         defer { kill(server.process.processIdentifier, SIGCONT) }
         let deadline = Date().addingTimeInterval(10)
         while Date() < deadline, store.report().first(where: { $0.address == "127.0.0.1:\(server.port)" })?.status != .failed {
@@ -88,7 +88,7 @@ struct PoolStoreTests {
         let slot = try #require(w.locations[0])
         #expect(try server.adminStatus().leases == 1)
         // Partition: the server stops; our requests time out and we drop our connections.
-        kill(server.process.processIdentifier, SIGSTOP)
+        stopProcess(server.process.processIdentifier)
         for _ in 0..<3 { store.heartbeat() }
         #expect(store.report().first { $0.address == "127.0.0.1:\(server.port)" }?.status == .failed)
         // The server comes back, sees us gone, and frees our lease after its grace period.

@@ -100,7 +100,7 @@ struct ReclaimRaceTests {
         #expect(try donor.admin(.init(op: .limit, bytes: 0)).ok)
         store.heartbeat()
         // Hold the move before its record switch: the target stops answering for a while.
-        kill(target.process.processIdentifier, SIGSTOP)
+        stopProcess(target.process.processIdentifier)
         usleep(300_000)
         // The operator detaches the target meanwhile.
         let detached = Flag()
@@ -127,7 +127,7 @@ struct ReclaimRaceTests {
         defer { server.stop() }
         let store = try makeStore(ioTimeout: 5000)
         try store.attach(address: "127.0.0.1:\(server.port)")
-        kill(server.process.processIdentifier, SIGSTOP)
+        stopProcess(server.process.processIdentifier)
         let beat = Flag()
         let t = Thread {
             store.heartbeat()
@@ -161,7 +161,7 @@ struct ReclaimRaceTests {
         write(store, pages)
         try store.attach(address: "127.0.0.1:\(target.port)")
         // The copy out of the donor will block: the donor stops answering for a while.
-        kill(donor.process.processIdentifier, SIGSTOP)
+        stopProcess(donor.process.processIdentifier)
         let drained = Flag()
         try store.detach(address: "127.0.0.1:\(donor.port)") { ok in drained.set(ok) }
         let deadline = Date().addingTimeInterval(10)
@@ -196,7 +196,7 @@ struct ReclaimRaceTests {
         #expect(waitDone(drained) == false)
         #expect(readBack(store, pages).allSatisfy { $0 == nil }, "the pages are still on the server")
         // A hiccup: the server is slow for a moment.
-        kill(server.process.processIdentifier, SIGSTOP)
+        stopProcess(server.process.processIdentifier)
         let during = readBack(store, pages, count: 1)
         kill(server.process.processIdentifier, SIGCONT)
         #expect(during[0]?.code != .lost, "a timeout was reported as a lost page (Region poisons it): \(String(describing: during[0]))")

@@ -88,7 +88,7 @@ struct StreamingReadTests {
         store.submitAndWait(w)
         #expect(w.errors.allSatisfy { $0 == nil })
 
-        kill(server.process.processIdentifier, SIGSTOP)
+        stopProcess(server.process.processIdentifier)
         let r = PageIOBatch(kind: .read)
         for i in 0..<count { r.append(buffer: target + i * 4096, location: w.locations[i]) }
         var calls: [Int] = []
