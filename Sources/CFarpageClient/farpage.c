@@ -270,6 +270,10 @@ static void fp_reserve(uintptr_t a, uintptr_t b) {
     if (a < b) syscall(SYS_mmap, (void *)a, b - a, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
 }
 
+/* After a request failed this way, the agent may have taken it (or may still be letting go
+ * of the region): its range stays reserved for the life of the process, never reused. */
+static int fp_agent_may_hold(int err) { return err == ETIMEDOUT || err == ECONNRESET || err == EPROTO; }
+
 /* In the child of fork(): every region becomes a view (see above). A region whose view
  * cannot be set up stays unmapped in the child, which gets SIGSEGV if it touches it. */
 static void fp_atfork_child(void) {
@@ -326,9 +330,14 @@ static void fp_atfork_child(void) {
             }
         }
         if (!ok) {
-            /* Nobody would serve this mapping's faults: unmapped, it faults with SIGSEGV
-             * instead of reading zeros into the parent's pages. */
-            fp_unmap_pieces(r);
+            /* Nobody would serve this mapping's faults: unmapped (or reserved, when the agent
+             * may have the view after all), it faults with SIGSEGV instead of reading zeros
+             * into the parent's pages. */
+            if (first_error && fp_agent_may_hold(first_error)) {
+                for (int i = 0; i < r->npieces; i++) fp_reserve(r->pieces[i].start, r->pieces[i].end);
+            } else {
+                fp_unmap_pieces(r);
+            }
             if (uffd >= 0) close(uffd);
             close(r->memfd);
             free(r);
@@ -473,8 +482,15 @@ static void *fp_create(size_t size, size_t align, const struct farpage_options *
     pthread_mutex_lock(&fp_lock);
     int64_t n = fp_call_locked(FPW_REGISTER, &body, sizeof(body), fds, 2, reply, sizeof(reply));
     if (n < 0) {
+        int e = errno;
         pthread_mutex_unlock(&fp_lock);
         free(reg);
+        if (fp_agent_may_hold(e)) {
+            /* A late registration would serve this range: keep it reserved, never reused. */
+            fp_reserve((uintptr_t)addr, (uintptr_t)addr + length);
+            addr = NULL;
+        }
+        errno = e;
         goto fail;
     }
     struct fpw_ok ok = {0, 0};
@@ -544,7 +560,8 @@ static int fp_release_locked(struct fp_region *r) {
     unsigned char reply[FP_REPLY_MAX];
     int64_t n = fp_call_locked(FPW_UNREGISTER, &r->id, sizeof(r->id), NULL, 0, reply, sizeof(reply));
     int saved = errno;
-    fp_unmap_pieces(r);
+    /* Unless the agent may still be working on it (no answer): then the reservation stays. */
+    if (!(n < 0 && fp_agent_may_hold(saved))) fp_unmap_pieces(r);
     r->npieces = 0;
     fp_close(r->uffd);
     fp_close(r->memfd);
