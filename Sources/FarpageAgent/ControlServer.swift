@@ -43,6 +43,7 @@ final class ControlServer: @unchecked Sendable {
     private var thread: pthread_t?
     private var connections: [UInt64: Connection] = [:]
     private var nextConnection: UInt64 = 16
+    private var acceptBackoff = AcceptBackoff()
     let staging: StagingBuffer
     let evictStaging: StagingBuffer
 
@@ -84,6 +85,7 @@ final class ControlServer: @unchecked Sendable {
                     serve(c)
                 }
             }
+            acceptBackoff.resumeIfDue(epoll: epoll, listener: listener.rawValue, token: Self.listenToken)
         }
         for c in Array(connections.values) { close(c, reason: "agent stopping") }
     }
@@ -92,7 +94,12 @@ final class ControlServer: @unchecked Sendable {
         while true {
             let socket: SeqPacketSocket?
             do { socket = try listener.accept() } catch {
-                logger.warning("accept failed", metadata: ["fp.error": "\(error)"])
+                // Out of descriptors, most likely (a client holding many regions, each two fds
+                // here): paused, or the readable listener would spin this thread.
+                if acceptBackoff.acceptFailed(epoll: epoll, listener: listener.rawValue) {
+                    logger.warning("control socket: accept failed; pausing it for a second (raise LimitNOFILE?)",
+                                   metadata: ["fp.error": "\(error)"])
+                }
                 return
             }
             guard let socket else { return }

@@ -52,3 +52,31 @@ public enum ProcessHandle {
         OwnedDescriptor(adopting: try check(fp_pidfd_open(pid), "pidfd_open"))
     }
 }
+
+/// Keeps a listening socket out of an epoll set for a second after `accept` fails (out of
+/// descriptors, most likely): the listener stays readable, and watching it would spin the
+/// serving thread. Shared by the agent's control socket and the memory server's admin socket.
+public struct AcceptBackoff: Sendable {
+    private var pausedUntil: UInt64?
+    private var lastComplaint: UInt64 = 0
+    public init() {}
+
+    /// After a failed accept: stops watching `listener` for a second. Returns true when the
+    /// failure should be logged (at most once a minute).
+    public mutating func acceptFailed(epoll: Epoll, listener: Int32) -> Bool {
+        let now = monotonicNanoseconds()
+        epoll.remove(listener)
+        pausedUntil = now + 1_000_000_000
+        guard now - lastComplaint > 60_000_000_000 || lastComplaint == 0 else { return false }
+        lastComplaint = now
+        return true
+    }
+
+    /// Watches the listener again once its pause is over; call on every turn of the loop
+    /// (whose epoll wait must time out, so that a paused listener comes back).
+    public mutating func resumeIfDue(epoll: Epoll, listener: Int32, token: UInt64) {
+        guard let until = pausedUntil, monotonicNanoseconds() >= until else { return }
+        pausedUntil = nil
+        try? epoll.add(listener, token: token)
+    }
+}

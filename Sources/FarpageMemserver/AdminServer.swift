@@ -38,9 +38,7 @@ public final class AdminServer: @unchecked Sendable {
     private var thread: pthread_t?
     private var connections: [UInt64: Connection] = [:]
     private var nextConnection: UInt64 = 16
-    /// While accept keeps failing (out of descriptors), the listener is out of epoll until then.
-    private var listenerPausedUntil: UInt64?
-    private var lastAcceptComplaint: UInt64 = 0
+    private var acceptBackoff = AcceptBackoff()
 
     /// Binds `path` (mode 0600; a stale socket there is replaced).
     public init(server: Memserver, path: String, logger: Logger) throws(KernelError) {
@@ -82,10 +80,7 @@ public final class AdminServer: @unchecked Sendable {
             }
             let now = monotonicNanoseconds()
             for (id, c) in connections where now - c.lastActive > Self.idleNanoseconds { close(id) }
-            if let until = listenerPausedUntil, now >= until {
-                listenerPausedUntil = nil
-                try? epoll.add(listener.rawValue, token: Self.listenToken)
-            }
+            acceptBackoff.resumeIfDue(epoll: epoll, listener: listener.rawValue, token: Self.listenToken)
         }
         for id in Array(connections.keys) { close(id) }
     }
@@ -94,15 +89,9 @@ public final class AdminServer: @unchecked Sendable {
         while true {
             let socket: SeqPacketSocket?
             do { socket = try listener.accept() } catch {
-                // Out of descriptors, most likely: the listener stays readable, so stop watching
-                // it for a second instead of spinning, and say so at most once a minute.
-                let now = monotonicNanoseconds()
-                if now - lastAcceptComplaint > 60_000_000_000 {
-                    lastAcceptComplaint = now
+                if acceptBackoff.acceptFailed(epoll: epoll, listener: listener.rawValue) {
                     logger.warning("admin socket: accept failed; pausing it for a second", metadata: ["fp.error": "\(error)"])
                 }
-                epoll.remove(listener.rawValue)
-                listenerPausedUntil = now + 1_000_000_000
                 return
             }
             guard let socket else { return }

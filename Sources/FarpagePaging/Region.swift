@@ -91,7 +91,8 @@ public final class Region: @unchecked Sendable {
         var gone: [Range<Int>] = []
     }
     let core: Mutex<Core>
-    let closed = Atomic<Bool>(false)
+    /// Operations that may touch the client's range (uffd ioctls) pass through it.
+    let gate = OperationGate()
 
     public init(id: UInt64, spec: RegionSpec, uffd: Userfaultfd, memfd: OwnedDescriptor, store: any PageStore,
                 agentBudget: ResidentBudget, policy: PagingPolicy, zeroPage: UnsafeMutableRawPointer, logger: Logger)
@@ -125,33 +126,11 @@ public final class Region: @unchecked Sendable {
         agentBudget.add(-resident)
     }
 
-    public var isClosed: Bool { closed.load(ordering: .acquiring) }
+    public var isClosed: Bool { gate.isClosed }
     /// Stops all further work on the region (faults are no longer served; eviction stops).
-    public func close() { closed.store(true, ordering: .sequentiallyConsistent) }
-
-    /// Operations under way that may touch the client's address range (uffd ioctls).
-    let inFlight = Atomic<Int>(0)
-
-    /// Enters an operation that may touch the client's address range; false once closed.
-    /// (Dekker-style with `closeAndDrain`: each side writes, then reads the other's flag.)
-    @inline(__always) func enter() -> Bool {
-        inFlight.wrappingAdd(1, ordering: .sequentiallyConsistent)
-        if closed.load(ordering: .sequentiallyConsistent) {
-            inFlight.wrappingSubtract(1, ordering: .sequentiallyConsistent)
-            return false
-        }
-        return true
-    }
-    @inline(__always) func leave() { inFlight.wrappingSubtract(1, ordering: .sequentiallyConsistent) }
-
-    /// Closes the region and waits until no operation on it is under way. After this the
-    /// agent never touches the client's range through this region's uffd again, so the
-    /// client may map something else there: the kernel lets a uffd install pages into any
-    /// registered mapping of the same process, not only its own.
-    public func closeAndDrain() {
-        close()
-        while inFlight.load(ordering: .sequentiallyConsistent) > 0 { usleep(50) }
-    }
+    public func close() { gate.close() }
+    /// Closes the region and waits until no operation on it is under way (see `OperationGate`).
+    public func closeAndDrain() { gate.closeAndDrain() }
 
     public var residentPages: Int { core.withLock { $0.resident } }
 
@@ -196,8 +175,8 @@ extension Region {
     public func handleFault(address: UInt64, write: Bool, writeProtect: Bool, staging: StagingBuffer,
                             evictStaging: StagingBuffer) -> Bool
     {
-        guard enter() else { return false }
-        defer { leave() }
+        guard gate.enter() else { return false }
+        defer { gate.leave() }
         return serveFault(address: address, write: write, writeProtect: writeProtect, staging: staging,
                           evictStaging: evictStaging)
     }
@@ -497,8 +476,8 @@ extension Region {
     /// Evicts up to `maxPages` cold pages by the protocol in DESIGN.md: write-protect, copy out,
     /// store, punch; a write fault in between cancels a page's eviction. Returns pages freed.
     public func evict(maxPages: Int, staging: StagingBuffer) -> Int {
-        guard enter() else { return 0 }
-        defer { leave() }
+        guard gate.enter() else { return 0 }
+        defer { gate.leave() }
         let limit = min(maxPages, staging.pages)
         var victims: [(page: Int, kind: EvictionKind)] = []
         victims.reserveCapacity(limit)
@@ -731,8 +710,8 @@ extension Region {
     ///   client is told to retry).
     @discardableResult
     public func advise(firstPage: Int, count: Int, hint: AdviceHint, staging: StagingBuffer, evictStaging: StagingBuffer) -> Bool {
-        guard enter() else { return true }
-        defer { leave() }
+        guard gate.enter() else { return true }
+        defer { gate.leave() }
         let range = firstPage..<(firstPage + count)
         switch hint {
         case .normal, .random:

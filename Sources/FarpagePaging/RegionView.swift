@@ -3,6 +3,40 @@ import FarpageTiers
 import Logging
 import Synchronization
 
+/// Fences a region (or view) against its release: every operation that may touch the
+/// client's address range enters and leaves it; `closeAndDrain` closes it and waits until
+/// none is left. Needed because the kernel lets a userfaultfd install pages into any
+/// registered mapping of the process, not only its own: after release the client may map
+/// a new region at the same addresses (docs/decisions.md, 32).
+public final class OperationGate: Sendable {
+    private let closed = Atomic<Bool>(false)
+    private let inFlight = Atomic<Int>(0)
+    public init() {}
+
+    public var isClosed: Bool { closed.load(ordering: .acquiring) }
+
+    /// Enters an operation; false once closed. Dekker-style with `closeAndDrain`: each side
+    /// writes its own flag, then reads the other's (sequentially consistent).
+    @inline(__always) public func enter() -> Bool {
+        inFlight.wrappingAdd(1, ordering: .sequentiallyConsistent)
+        if closed.load(ordering: .sequentiallyConsistent) {
+            inFlight.wrappingSubtract(1, ordering: .sequentiallyConsistent)
+            return false
+        }
+        return true
+    }
+    @inline(__always) public func leave() { inFlight.wrappingSubtract(1, ordering: .sequentiallyConsistent) }
+
+    /// Stops new operations without waiting.
+    public func close() { closed.store(true, ordering: .sequentiallyConsistent) }
+
+    /// Stops new operations and waits until those under way are done.
+    public func closeAndDrain() {
+        close()
+        while inFlight.load(ordering: .sequentiallyConsistent) > 0 { usleep(50) }
+    }
+}
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -35,15 +69,11 @@ public final class RegionView: FaultTarget, @unchecked Sendable {
     let zeroPage: UnsafeMutableRawPointer
     let logger: Logger
     public let counters = RegionCounters()
-    let closed = Atomic<Bool>(false)
-    let inFlight = Atomic<Int>(0)
+    let gate = OperationGate()
 
     /// Stops serving and waits until no install into the child's range is under way (the
     /// child may map something else there once the view is gone).
-    public func closeAndDrain() {
-        closed.store(true, ordering: .sequentiallyConsistent)
-        while inFlight.load(ordering: .sequentiallyConsistent) > 0 { usleep(50) }
-    }
+    public func closeAndDrain() { gate.closeAndDrain() }
     /// Faults served for the child.
     public var faultCount: UInt64 { counters.missingFaults.value }
 
@@ -64,9 +94,8 @@ public final class RegionView: FaultTarget, @unchecked Sendable {
     public func handleFault(address: UInt64, write: Bool, writeProtect: Bool, staging: StagingBuffer,
                             evictStaging: StagingBuffer) -> Bool
     {
-        inFlight.wrappingAdd(1, ordering: .sequentiallyConsistent)
-        defer { inFlight.wrappingSubtract(1, ordering: .sequentiallyConsistent) }
-        guard !closed.load(ordering: .sequentiallyConsistent) else { return false }
+        guard gate.enter() else { return false }
+        defer { gate.leave() }
         let spec = source.spec
         let pageAddress = address & ~UInt64(spec.pageSize - 1)
         guard !writeProtect, pageAddress >= spec.address, pageAddress - spec.address < spec.length else { return false }

@@ -257,3 +257,47 @@ public func stopProcess(_ pid: pid_t) {
         usleep(1000)
     }
 }
+
+/// What a program printed, and how it ended.
+public struct ProgramRun: Sendable {
+    public let status: Int32
+    public let stdout: String
+    /// Empty when `mergeOutput` sent stderr to `stdout`.
+    public let stderr: String
+}
+
+/// Runs a program to completion: `environment` replaces the test's (nil: inherit), `stdin`
+/// is written to it, and both pipes are read while it runs (a full pipe would block it).
+public func runProgram(_ executable: String, _ arguments: [String], environment: [String: String]? = nil,
+                       stdin: String? = nil, mergeOutput: Bool = false) throws -> ProgramRun
+{
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: executable)
+    p.arguments = arguments
+    if let environment { p.environment = environment }
+    let out = Pipe()
+    let err = mergeOutput ? out : Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    let input = stdin.map { _ in Pipe() }
+    p.standardInput = input ?? FileHandle.nullDevice
+    try p.run()
+    if let input, let stdin {
+        input.fileHandleForWriting.write(Data(stdin.utf8))
+        try input.fileHandleForWriting.close()
+    }
+    let group = DispatchGroup()
+    nonisolated(unsafe) var errData = Data()
+    if !mergeOutput {
+        group.enter()
+        DispatchQueue.global().async {
+            errData = err.fileHandleForReading.readDataToEndOfFile()
+            group.leave()
+        }
+    }
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    group.wait()
+    p.waitUntilExit()
+    return ProgramRun(status: p.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+                      stderr: String(decoding: errData, as: UTF8.self))
+}

@@ -100,21 +100,10 @@ struct AdviceTests {
 @Suite("Operator CLI", .serialized)
 struct OperatorCLITests {
     func run(_ path: String, _ arguments: [String], user: String? = nil) throws -> (Int32, String) {
-        let p = Process()
-        if let user {
-            p.executableURL = URL(fileURLWithPath: "/usr/sbin/runuser")
-            p.arguments = ["-u", user, "--", path] + arguments
-        } else {
-            p.executableURL = URL(fileURLWithPath: path)
-            p.arguments = arguments
-        }
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+        let r = user.map { try? runProgram("/usr/sbin/runuser", ["-u", $0, "--", path] + arguments, mergeOutput: true) }
+            ?? (try? runProgram(path, arguments, mergeOutput: true))
+        guard let r else { throw TestSupportError("cannot run \(path)") }
+        return (r.status, r.stdout)
     }
 
     @Test func statusAndRegionsInTablesAndJSON() throws {

@@ -234,6 +234,39 @@ struct BadInputTests {
         #expect(text.contains("Start it"))
     }
 
+    /// Out of descriptors, the control socket stops accepting for a second instead of
+    /// spinning on a listener that stays readable, and serves again once descriptors are free.
+    @Test func runningOutOfDescriptorsPausesAcceptInsteadOfSpinning() throws {
+        let pid = agent.process.processIdentifier
+        let open = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count
+        // The soft limit only: lowered, then set back to what it was.
+        let limits = try String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8)
+        let soft = limits.split(separator: "\n").first { $0.hasPrefix("Max open files") }?
+            .split(separator: " ", omittingEmptySubsequences: true).dropFirst(3).first.map(String.init) ?? "1024"
+        func prlimit(_ n: String) throws -> Int32 {
+            try runProgram("/usr/bin/prlimit", ["--pid", "\(pid)", "--nofile=\(n):"], mergeOutput: true).status
+        }
+        try #require(try prlimit("\(open + 6)") == 0, "prlimit failed")
+        var clients: [SeqPacketSocket] = []
+        for _ in 0..<24 { clients.append(try SeqPacketSocket.connect(path: agent.socket)) }
+        let deadline = Date().addingTimeInterval(5)
+        while Date() < deadline, !agent.logText.contains("accept failed; pausing") { usleep(20_000) }
+        #expect(agent.logText.contains("control socket: accept failed; pausing it for a second"))
+        // CPU over two seconds while out of descriptors: a spinning thread would use ~200 ticks.
+        func ticks() throws -> Int {
+            let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
+            let fields = stat[stat.index(after: stat.lastIndex(of: ")")!)...].split(separator: " ")
+            return Int(fields[11])! + Int(fields[12])!  // utime, stime
+        }
+        let before = try ticks()
+        sleep(2)
+        let used = try ticks() - before
+        #expect(used < 60, "the agent used \(used) ticks in 2 s with accept failing: spinning")
+        clients.removeAll()
+        try #require(try prlimit(soft) == 0)
+        try expectStillServing()
+    }
+
     /// REGISTER_VIEW (a forked child's view of a region) from a peer that lies: each lie is
     /// refused with its reason, and a truthful view is served and released.
     @Test func forkViewsThatLieAreRefusedAndATruthfulOneIsServed() throws {

@@ -14,16 +14,8 @@ import Glibc
 /// gets its memory back with no page lost.
 extension PoolTests {
     func farpagectl(_ args: [String]) throws -> (Int32, String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: binary("farpagectl"))
-        p.arguments = args
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        return (p.terminationStatus, text)
+        let r = try runProgram(binary("farpagectl"), args, mergeOutput: true)
+        return (r.status, r.stdout)
     }
 
     /// Waits until `server` holds at least `pages` of the agent's pages.

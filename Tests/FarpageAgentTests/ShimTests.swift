@@ -22,19 +22,10 @@ struct ShimTests {
         URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Shim").path
     }
 
-    struct Run {
-        let status: Int32
-        let stdout: String
-        let stderr: String
-    }
-
     /// Runs a program to completion; `preload` adds LD_PRELOAD of the shim and its socket.
     static func run(_ executable: String, _ arguments: [String], preload agent: AgentProcess?, env extra: [String: String] = [:],
-                    stdin: String? = nil) throws -> Run
+                    stdin: String? = nil) throws -> ProgramRun
     {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = arguments
         var env = ProcessInfo.processInfo.environment
         env["OPENBLAS_NUM_THREADS"] = "1"  // the same matrix product, summed in the same order, each run
         env["OMP_NUM_THREADS"] = "1"
@@ -44,34 +35,7 @@ struct ShimTests {
             env["FARPAGE_SOCKET"] = agent.socket
         }
         for (k, v) in extra { env[k] = v }
-        p.environment = env
-        let out = Pipe()
-        let err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        if let stdin {
-            let input = Pipe()
-            p.standardInput = input
-            try p.run()
-            input.fileHandleForWriting.write(Data(stdin.utf8))
-            try input.fileHandleForWriting.close()
-        } else {
-            p.standardInput = FileHandle.nullDevice
-            try p.run()
-        }
-        // Read both pipes while the program runs: a full pipe would block it.
-        let group = DispatchGroup()
-        nonisolated(unsafe) var errData = Data()
-        group.enter()
-        DispatchQueue.global().async {
-            errData = err.fileHandleForReading.readDataToEndOfFile()
-            group.leave()
-        }
-        let outData = out.fileHandleForReading.readDataToEndOfFile()
-        group.wait()
-        p.waitUntilExit()
-        return Run(status: p.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
-                   stderr: String(decoding: errData, as: UTF8.self))
+        return try runProgram(executable, arguments, environment: env, stdin: stdin)
     }
 
     /// A python3 that has NumPy (Debian's python3-numpy, which `make deps` installs), or nil.
@@ -206,11 +170,19 @@ struct ShimTests {
         }
     }
 
-    /// A program that never allocates past the threshold never talks to the agent.
+    /// A program that never allocates past the threshold never talks to the agent; with the
+    /// threshold below its buffer, the same program does (so the shim was loaded, and the
+    /// threshold is what decided).
     @Test func smallAllocationsNeverReachTheAgent() throws {
         let agent = try AgentProcess(budget: "16MiB", regionBudget: "4MiB")
         let r = try Self.run("/bin/cat", [], preload: agent, stdin: "b\na\nc\n")
         #expect(r.status == 0 && r.stdout == "b\na\nc\n", "\(r.stdout) \(r.stderr)")
         #expect(!agent.logText.contains("region registered"), "a small program registered a region")
+        // cat reads through a 128 KiB buffer: at a 64 KiB threshold it is far memory.
+        let low = try Self.run("/bin/cat", [], preload: agent, env: ["FARPAGE_THRESHOLD": "64KiB"], stdin: "b\na\nc\n")
+        #expect(low.status == 0 && low.stdout == "b\na\nc\n", "\(low.stdout) \(low.stderr)")
+        let deadline = Date().addingTimeInterval(5)
+        while Date() < deadline, !agent.logText.contains("fp.name=cat") { usleep(20_000) }
+        #expect(agent.logText.contains("fp.name=cat"), "cat's buffer never became far memory at a 64 KiB threshold")
     }
 }
