@@ -267,6 +267,9 @@ public final class Agent: @unchecked Sendable {
             "clean_evictions": s.cleanEvictions, "zero_evictions": s.zeroEvictions,
             "cancelled_evictions": s.cancelledEvictions, "prefetched_pages": s.prefetchedPages,
             "lost_pages": s.lostPages, "foreign_pages": s.foreignPages,
+            "prefetch_hits": s.prefetchHits, "prefetch_wasted": s.prefetchWasted,
+            "refault_activations": s.refaultActivations, "migrations": s.migrations,
+            "residence_overrides": s.residenceOverrides, "peak_page_migrations_per_window": s.peakPageMigrationsPerWindow,
         ]
     }
 

@@ -14,6 +14,16 @@ public final class RegionCounters: Sendable {
     public let prefetchedPages = Atomic<UInt64>(0)
     public let foreignPages = Atomic<UInt64>(0)
     public let lostPages = Atomic<UInt64>(0)
+    /// Prefetched pages later known to be used (the stream passed them, or a write touched them).
+    public let prefetchHits = Atomic<UInt64>(0)
+    /// Prefetched pages evicted unused.
+    public let prefetchWasted = Atomic<UInt64>(0)
+    /// Refaults close enough to their eviction to make the page active (hot).
+    public let refaultActivations = Atomic<UInt64>(0)
+    /// Moves of a page between local DRAM and a far tier (evictions and fetches).
+    public let migrations = Atomic<UInt64>(0)
+    /// Pages evicted before their minimum residence time because the budget insisted.
+    public let residenceOverrides = Atomic<UInt64>(0)
     public init() {}
 }
 
@@ -43,6 +53,13 @@ public struct StatsSnapshot: Sendable, Codable, Equatable {
     /// Not in `struct farpage_stats` (reported in JSON only).
     public var lostPages: UInt64 = 0
     public var foreignPages: UInt64 = 0
+    public var prefetchHits: UInt64 = 0
+    public var prefetchWasted: UInt64 = 0
+    public var refaultActivations: UInt64 = 0
+    public var migrations: UInt64 = 0
+    public var residenceOverrides: UInt64 = 0
+    /// The most moves of one page within one migration window (a maximum, not a sum).
+    public var peakPageMigrationsPerWindow: UInt64 = 0
 
     public init() {}
 
@@ -75,6 +92,12 @@ public struct StatsSnapshot: Sendable, Codable, Equatable {
         s.regions = a.regions + b.regions
         s.lostPages = a.lostPages + b.lostPages
         s.foreignPages = a.foreignPages + b.foreignPages
+        s.prefetchHits = a.prefetchHits + b.prefetchHits
+        s.prefetchWasted = a.prefetchWasted + b.prefetchWasted
+        s.refaultActivations = a.refaultActivations + b.refaultActivations
+        s.migrations = a.migrations + b.migrations
+        s.residenceOverrides = a.residenceOverrides + b.residenceOverrides
+        s.peakPageMigrationsPerWindow = max(a.peakPageMigrationsPerWindow, b.peakPageMigrationsPerWindow)
         return s
     }
 }

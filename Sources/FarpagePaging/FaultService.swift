@@ -147,8 +147,8 @@ public final class FaultService: @unchecked Sendable {
             if n == 0 { break }
             for event in events {
                 switch event.kind {
-                case .pageFault(let address, let write, let wp, _, _):
-                    if region.handleFault(address: address, write: write, writeProtect: wp, staging: staging,
+                case .pageFault(let address, let write, let wp, _, let thread):
+                    if region.handleFault(address: address, write: write, writeProtect: wp, thread: thread, staging: staging,
                                           evictStaging: evictStaging)
                     {
                         wakeEvictor = true

@@ -21,7 +21,7 @@ public enum PageState: UInt8, Sendable, CaseIterable {
 /// One page-table entry, packed in 8 bytes.
 ///
 /// Layout: bits 0–2 state, 3 dirty, 4 cancel, 5 referenced, 6 queued, 7 has-location,
-/// 8 unprotect-pending, 16–63 far-tier location. `dirty` means the local copy differs from (or has no) far copy;
+/// 8 unprotect-pending, 9 active, 10 speculative, 11 doomed, 16–63 far-tier location. `dirty` means the local copy differs from (or has no) far copy;
 /// a clean resident page is mapped write-protected, so its first write is seen.
 public struct PageEntry: Equatable, Sendable, CustomStringConvertible {
     public var raw: UInt64
@@ -34,6 +34,9 @@ public struct PageEntry: Equatable, Sendable, CustomStringConvertible {
     private static let queuedBit: UInt64 = 1 << 6
     private static let locationBit: UInt64 = 1 << 7
     private static let unprotectBit: UInt64 = 1 << 8
+    private static let activeBit: UInt64 = 1 << 9
+    private static let speculativeBit: UInt64 = 1 << 10
+    private static let doomedBit: UInt64 = 1 << 11
     private static let flagsMask: UInt64 = 0xFFFF
 
     public var state: PageState {
@@ -58,10 +61,27 @@ public struct PageEntry: Equatable, Sendable, CustomStringConvertible {
         get { bit(Self.referencedBit) }
         set { set(Self.referencedBit, newValue) }
     }
-    /// In the region's resident queue.
+    /// Has one entry in a resident queue: the active one when `active`, else the inactive one.
     public var queued: Bool {
         get { bit(Self.queuedBit) }
         set { set(Self.queuedBit, newValue) }
+    }
+    /// Protected: on the active queue (a refault showed it hot, or it was written again while
+    /// inactive). Evicted only after every inactive page.
+    public var active: Bool {
+        get { bit(Self.activeBit) }
+        set { set(Self.activeBit, newValue) }
+    }
+    /// Installed by prefetch and not yet known to be used (the stream has not passed it, nor a
+    /// write touched it).
+    public var speculative: Bool {
+        get { bit(Self.speculativeBit) }
+        set { set(Self.speculativeBit, newValue) }
+    }
+    /// Also has an entry in the reclaim-first queue (a prefetch judged wasted).
+    public var doomed: Bool {
+        get { bit(Self.doomedBit) }
+        set { set(Self.doomedBit, newValue) }
     }
     /// A fault thread decided to un-protect the page and has not finished the ioctl yet.
     /// The page must not be evicted meanwhile: the late un-protect would make it writable
@@ -140,6 +160,7 @@ public enum PageTransitions {
         case .resident:
             e.dirty = true
             e.referenced = true
+            e.speculative = false
             e.unprotectPending = true
             return .unprotect
         case .evicting:
@@ -147,6 +168,7 @@ public enum PageTransitions {
             e.cancel = true
             e.dirty = true
             e.referenced = true
+            e.speculative = false
             e.unprotectPending = true
             return .unprotect
         case .punching, .fetching: return .drop
@@ -224,6 +246,7 @@ public enum PageTransitions {
         precondition(e.state == .punching)
         e.state = e.location != nil ? .far : .untouched
         e.referenced = false
+        e.speculative = false
     }
 
     /// `DONTNEED`: drop the contents. Returns (release: a location to free, punch: whether the

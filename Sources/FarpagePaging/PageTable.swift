@@ -1,13 +1,14 @@
 /// A region's page table: a two-level radix of 8-byte entries whose leaves
 /// (512 entries, 2 MiB of address space) are allocated on first write.
 ///
-/// A never-touched 1 TiB region costs 8 bytes per 512 pages. Not thread-safe:
-/// the region lock guards it.
+/// A never-touched 1 TiB region costs 8 bytes per 512 pages. Each leaf also holds each
+/// page's `PageHistory` (8 more bytes per page). Not thread-safe: the region lock guards it.
 final class PageTable {
     static let leafShift = 9
     static let leafSize = 1 << leafShift
     let pageCount: Int
     private let leafCount: Int
+    /// A leaf is 2 x 512 words: the entries, then the histories.
     private let leaves: UnsafeMutablePointer<UnsafeMutablePointer<UInt64>?>
     private(set) var allocatedLeaves = 0
 
@@ -32,13 +33,29 @@ final class PageTable {
             let index = page >> Self.leafShift
             if leaves[index] == nil {
                 if newValue.raw == 0 { return }
-                let leaf = UnsafeMutablePointer<UInt64>.allocate(capacity: Self.leafSize)
-                leaf.initialize(repeating: 0, count: Self.leafSize)
-                leaves[index] = leaf
-                allocatedLeaves += 1
+                allocateLeaf(index)
             }
             leaves[index]![page & (Self.leafSize - 1)] = newValue.raw
         }
+    }
+
+    private func allocateLeaf(_ index: Int) {
+        let leaf = UnsafeMutablePointer<UInt64>.allocate(capacity: 2 * Self.leafSize)
+        leaf.initialize(repeating: 0, count: 2 * Self.leafSize)
+        leaves[index] = leaf
+        allocatedLeaves += 1
+    }
+
+    /// A page's movement history (all zero for a page never touched).
+    func history(_ page: Int) -> PageHistory {
+        guard let leaf = leaves[page >> Self.leafShift] else { return PageHistory() }
+        return PageHistory(raw: leaf[Self.leafSize + page & (Self.leafSize - 1)])
+    }
+
+    func setHistory(_ page: Int, _ h: PageHistory) {
+        let index = page >> Self.leafShift
+        if leaves[index] == nil { allocateLeaf(index) }
+        leaves[index]![Self.leafSize + page & (Self.leafSize - 1)] = h.raw
     }
 
     /// Calls `body` for every entry that is not all-zero (never-touched pages are skipped).
@@ -50,7 +67,7 @@ final class PageTable {
     }
 
     /// Bytes this table uses.
-    var bookkeepingBytes: Int { leafCount * 8 + allocatedLeaves * Self.leafSize * 8 }
+    var bookkeepingBytes: Int { leafCount * 8 + allocatedLeaves * Self.leafSize * 16 }
 }
 
 /// The resident pages of a region in the order they became resident (a CLOCK queue).
@@ -70,6 +87,19 @@ struct ResidentQueue {
         count += 1
     }
 
+    /// Puts a page back at the head (it stays the next to go).
+    mutating func pushFront(_ page: Int) {
+        if count == ring.count { push(page); _ = popLast(); }
+        head = (head + ring.count - 1) % ring.count
+        ring[head] = UInt32(page)
+        count += 1
+    }
+
+    private mutating func popLast() -> Int {
+        count -= 1
+        return Int(ring[(head + count) % ring.count])
+    }
+
     mutating func pop() -> Int? {
         guard count > 0 else { return nil }
         let page = Int(ring[head])
@@ -79,4 +109,27 @@ struct ResidentQueue {
     }
 
     var bookkeepingBytes: Int { ring.count * 4 }
+}
+
+/// What the tier manager remembers about a page, packed in 8 bytes.
+///
+/// Layout: bits 0–31 stamp, 32–47 migrations in the current window, 48–63 that window's
+/// number (low 16 bits). The stamp is the time it became resident (milliseconds since the
+/// region was created) while it is resident, and the region's eviction sequence number when
+/// it left, so a refault's distance (evictions since) is one subtraction.
+struct PageHistory: Equatable {
+    var raw: UInt64 = 0
+    var stamp: UInt32 {
+        get { UInt32(truncatingIfNeeded: raw) }
+        set { raw = (raw & ~0xFFFF_FFFF) | UInt64(newValue) }
+    }
+    var migrations: UInt16 { UInt16(truncatingIfNeeded: raw >> 32) }
+    var window: UInt16 { UInt16(truncatingIfNeeded: raw >> 48) }
+
+    /// Counts one move in `window`; returns the page's moves in that window.
+    mutating func countMigration(window now: UInt16) -> Int {
+        let n: UInt16 = window == now ? (migrations == .max ? .max : migrations + 1) : 1
+        raw = UInt64(stamp) | UInt64(n) << 32 | UInt64(now) << 48
+        return Int(n)
+    }
 }

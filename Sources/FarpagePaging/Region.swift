@@ -35,6 +35,18 @@ public struct PagingPolicy: Sendable {
     public var sequentialWindow: Int = 16
     /// The most pages fetched ahead at once; the window doubles while a stream keeps using it.
     public var maxPrefetchWindow: Int = 128
+    /// Automatic prefetch (stride detection); advised ranges are prefetched either way.
+    public var prefetch = true
+    /// Hysteresis: a page that became resident is not evicted again for this long while the
+    /// region is between its watermarks (above the high one, the budget wins).
+    public var minResidenceMilliseconds = 100
+    /// Hot/cold classification: a page faulted back within a budget's worth of evictions
+    /// (its refault distance) goes to the active queue, evicted only after inactive pages.
+    public var classify = true
+    /// Most of the budget the active queue may hold; older active pages move to inactive.
+    public var activeFraction = 0.5
+    /// The window over which migrations per page are counted.
+    public var migrationWindowMilliseconds = 1000
     public init() {}
 }
 
@@ -77,9 +89,19 @@ public final class Region: @unchecked Sendable {
 
     struct Core {
         var table: PageTable
-        var queue = ResidentQueue()
+        /// Resident pages in the order they arrived (probation), and the protected ones.
+        var inactive = ResidentQueue()
+        var active = ResidentQueue()
+        /// Prefetched pages judged wasted: evicted before anything else.
+        var reclaimFirst = ResidentQueue()
         var resident = 0
         var far = 0
+        /// Pages punched so far (wrapping): a far page's history stamp is this at its eviction.
+        var evictionSeq: UInt32 = 0
+        var streams = ThreadStreams()
+        var accuracy = PrefetchAccuracy()
+        /// The most times one page moved in one migration window, ever.
+        var peakMigrations = 0
         var sequential: [Range<Int>] = []
         /// Stream detection (fault thread only): last missing fault, run length, window.
         var lastFault = -1
@@ -154,12 +176,26 @@ public final class Region: @unchecked Sendable {
         s.prefetchedPages = counters.prefetchedPages.value
         s.lostPages = counters.lostPages.value
         s.foreignPages = counters.foreignPages.value
+        s.prefetchHits = counters.prefetchHits.value
+        s.prefetchWasted = counters.prefetchWasted.value
+        s.refaultActivations = counters.refaultActivations.value
+        s.migrations = counters.migrations.value
+        s.residenceOverrides = counters.residenceOverrides.value
+        s.peakPageMigrationsPerWindow = UInt64(peakPageMigrationsPerWindow)
         s.regions = 1
         return s
     }
 
     /// Page-table and queue bytes (the agent's bookkeeping for this region).
-    public var bookkeepingBytes: Int { core.withLock { $0.table.bookkeepingBytes + $0.queue.bookkeepingBytes } }
+    public var bookkeepingBytes: Int {
+        core.withLock { $0.table.bookkeepingBytes + $0.inactive.bookkeepingBytes + $0.active.bookkeepingBytes + $0.reclaimFirst.bookkeepingBytes }
+    }
+
+    /// The most times one page moved between tiers within one migration window, so far.
+    public var peakPageMigrationsPerWindow: Int { core.withLock { $0.peakMigrations } }
+
+    /// Milliseconds since the region was created (wrapping): the time base of page histories.
+    @inline(__always) func nowStamp() -> UInt32 { UInt32(truncatingIfNeeded: (monotonicNanoseconds() - createdAt) / 1_000_000) }
 
     /// Whether the region (or the agent) is above its high watermark.
     public var needsEviction: Bool { residentPages > highPages }
@@ -172,16 +208,16 @@ extension Region {
     /// Serves one page fault. Runs on a fault thread.
     /// - Returns: true when the caller should wake the evictor (above a high watermark).
     @discardableResult
-    public func handleFault(address: UInt64, write: Bool, writeProtect: Bool, staging: StagingBuffer,
+    public func handleFault(address: UInt64, write: Bool, writeProtect: Bool, thread: UInt32 = 0, staging: StagingBuffer,
                             evictStaging: StagingBuffer) -> Bool
     {
         guard gate.enter() else { return false }
         defer { gate.leave() }
-        return serveFault(address: address, write: write, writeProtect: writeProtect, staging: staging,
+        return serveFault(address: address, write: write, writeProtect: writeProtect, thread: thread, staging: staging,
                           evictStaging: evictStaging)
     }
 
-    private func serveFault(address: UInt64, write: Bool, writeProtect: Bool, staging: StagingBuffer,
+    private func serveFault(address: UInt64, write: Bool, writeProtect: Bool, thread: UInt32, staging: StagingBuffer,
                             evictStaging: StagingBuffer) -> Bool
     {
         let pageAddress = address & ~UInt64(spec.pageSize - 1)
@@ -211,19 +247,19 @@ extension Region {
 
         counters.missingFaults.bump()
         // Direct reclaim: never install past the region's budget.
-        if residentPages >= budgetPages { _ = evict(maxPages: policy.evictBatch, staging: evictStaging) }
+        if residentPages >= budgetPages { _ = evict(maxPages: policy.evictBatch, staging: evictStaging, force: true) }
         let action = core.withLock { c in PageTransitions.missingFault(&c.table[page]) }
         if case .drop = action { return residentPages > highPages || agentBudget.residentPages > agentBudget.highPages }
-        let window = streamWindow(after: page)
+        let plan = prefetchPlan(after: page, thread: thread)
         switch action {
         case .zeroFill:
             counters.zeroFills.bump()
             install(page: page, from: zeroPage, writable: write)
         case .fetch(let location):
-            if window > 0 {
+            if let plan {
                 // In a stream, the faulting page heads the fetch-ahead batch: it comes back
                 // with the first chunk, and the rest streams in behind it.
-                prefetch(from: page, demand: location, window: window, writable: write, staging: staging)
+                prefetch(from: page, demand: location, plan: plan, writable: write, staging: staging)
                 return residentPages > highPages || agentBudget.residentPages > agentBudget.highPages
             }
             fetchAndInstall(page: page, location: location, writable: write, staging: staging)
@@ -236,7 +272,7 @@ extension Region {
         }
         // A stream of writes gets its pages writable (dirty): installed write-protected,
         // each would take a second fault on its first write.
-        if window > 0 { prefetch(from: page, demand: nil, window: window, writable: write, staging: staging) }
+        if let plan { prefetch(from: page, demand: nil, plan: plan, writable: write, staging: staging) }
         return residentPages > highPages || agentBudget.residentPages > agentBudget.highPages
     }
 
@@ -289,6 +325,7 @@ extension Region {
             result = .clientGone
             failed = true
         }
+        let now = nowStamp()
         core.withLock { c in
             var e = c.table[page]
             let wasFar = e.location != nil
@@ -297,10 +334,7 @@ extension Region {
                 PageTransitions.installed(&e, writable: writable, foreign: result == .alreadyPresent)
                 if wasFar { c.far -= 1 }
                 c.resident += 1
-                if !e.queued {
-                    e.queued = true
-                    c.queue.push(page)
-                }
+                admit(&c, &e, page, fromFar: wasFar, speculative: prefetch, now: now)
             case .clientGone:
                 PageTransitions.installAbandoned(&e)
             }
@@ -332,15 +366,17 @@ extension Region {
     /// With `demand`, `page` itself (already claimed by its fault) heads the batch and is
     /// installed first. Never goes past the region's budget (prefetch must not push the
     /// working set out).
-    private func prefetch(from page: Int, demand: PageLocation?, window requested: Int, writable: Bool, staging: StagingBuffer) {
+    private func prefetch(from page: Int, demand: PageLocation?, plan: StrideDetector.Issue, writable: Bool, staging: StagingBuffer) {
         let room = budgetPages - 1 - residentPages
-        let window = max(0, min(requested, staging.pages - 1, pageCount - page - 1, room))
+        let window = max(0, min(plan.count, staging.pages - 1, room))
+        // The planned pages inside the region, in ascending order (runs install with one ioctl).
+        let planned = (0..<window).map { plan.first + $0 * plan.stride }.filter { $0 >= 0 && $0 < pageCount }.sorted()
         // Claim every far or untouched page of the window at once.
         var claimed: [(page: Int, location: PageLocation?)] = []
         if let demand { claimed.append((page, demand)) }
-        if window > 0 {
+        if !planned.isEmpty {
             core.withLock { c in
-                for next in (page + 1)...(page + window) {
+                for next in planned {
                     let state = c.table[next].state
                     guard state == .far || state == .untouched else { continue }
                     switch PageTransitions.missingFault(&c.table[next]) {
@@ -428,6 +464,7 @@ extension Region {
             for k in 0..<count { install(page: first + k, from: source + k * spec.pageSize, writable: writable, prefetch: true) }
             return
         }
+        let now = nowStamp()
         core.withLock { c in
             for k in 0..<count {
                 var e = c.table[first + k]
@@ -435,10 +472,7 @@ extension Region {
                 PageTransitions.installed(&e, writable: writable)
                 if wasFar { c.far -= 1 }
                 c.resident += 1
-                if !e.queued {
-                    e.queued = true
-                    c.queue.push(first + k)
-                }
+                admit(&c, &e, first + k, fromFar: wasFar, speculative: true, now: now)
                 c.table[first + k] = e
             }
         }
@@ -446,27 +480,107 @@ extension Region {
         counters.prefetchedPages.bump(UInt64(count))
     }
 
-    /// Sequential-stream detection on missing faults: a fault just after the previous one (or
-    /// just past what was fetched ahead) continues the stream and doubles the window; anything
-    /// else resets it. Returns how many pages to fetch ahead of `page` (0: none).
-    func streamWindow(after page: Int) -> Int {
+    /// What to fetch ahead of a missing fault on `page` (nil: nothing). The faulting thread's
+    /// stride detector (majority vote over its recent fault deltas) decides first; failing a
+    /// trend, region-wide sequential-stream detection (several threads sweeping together
+    /// fault slightly out of order) or a SEQUENTIAL hint. The verdicts on earlier prefetches
+    /// confirm used pages and doom wasted ones; when most prefetched pages go unused,
+    /// prefetch backs off to one page.
+    func prefetchPlan(after page: Int, thread: UInt32) -> StrideDetector.Issue? {
         core.withLock { c in
             let hinted = c.sequential.contains { $0.contains(page) }
-            // Several threads sweeping together fault slightly out of order: a fault a few pages
-            // behind the front still belongs to the stream.
+            var plan: StrideDetector.Issue? = nil
+            if policy.prefetch && !c.random {
+                let (verdict, next) = c.streams.fault(thread: thread, page: page, initialWindow: policy.sequentialWindow,
+                                                      maxWindow: policy.maxPrefetchWindow)
+                judge(&c, verdict)
+                plan = next
+            }
+            // Region-wide stream: a fault just after the previous one (or just past what was
+            // fetched ahead) continues it and doubles the window; anything else resets it.
             let continues = c.lastFault >= 0 && page + 8 > c.lastFault && page <= c.lastFault + c.window + 1
             if continues {
                 c.streak += 1
-                if page > c.lastFault + 1 { c.window = min(c.window * 2, policy.maxPrefetchWindow) }  // ahead-fetch was used up
+                if page > c.lastFault + 1 {  // the ahead-fetch was used up
+                    confirm(&c, (c.lastFault + 1)..<page)
+                    c.window = min(c.window * 2, policy.maxPrefetchWindow)
+                }
                 c.lastFault = max(c.lastFault, page)
             } else {
                 c.streak = 0
                 c.window = policy.sequentialWindow
                 c.lastFault = page
             }
-            if c.random { return 0 }
-            return hinted || c.streak >= 2 ? c.window : 0
+            if plan == nil, hinted || (policy.prefetch && !c.random && c.streak >= 2) {
+                plan = StrideDetector.Issue(first: page + 1, stride: 1, count: c.window)
+            }
+            if var p = plan, !hinted, c.accuracy.backingOff {
+                p.count = 1
+                plan = p
+            }
+            return plan
         }
+    }
+
+    /// Applies a stride detector's verdict on its previous prefetch.
+    private func judge(_ c: inout Core, _ verdict: StrideDetector.Verdict) {
+        switch verdict {
+        case .none: break
+        case .hit(let issue):
+            for page in issue.pages where page >= 0 && page < pageCount { unspeculate(&c, page) }
+        case .miss(let issue):
+            // Pages still untouched are likely wasted: they go before anything else.
+            for page in issue.pages where page >= 0 && page < pageCount {
+                var e = c.table[page]
+                guard e.state == .resident, e.speculative, !e.doomed else { continue }
+                e.doomed = true
+                c.reclaimFirst.push(page)
+                c.table[page] = e
+            }
+        }
+    }
+
+    /// The stream went past `pages`: those fetched ahead were used.
+    private func confirm(_ c: inout Core, _ pages: Range<Int>) {
+        for page in pages.clamped(to: 0..<pageCount).suffix(policy.maxPrefetchWindow) { unspeculate(&c, page) }
+    }
+
+    private func unspeculate(_ c: inout Core, _ page: Int) {
+        var e = c.table[page]
+        guard e.speculative else { return }
+        e.speculative = false
+        c.table[page] = e
+        c.accuracy.record(used: 1)
+        counters.prefetchHits.bump()
+    }
+
+    /// Records a page that just became resident: its history (a refault within a budget's
+    /// worth of evictions makes it active), its migration count, and its queue.
+    func admit(_ c: inout Core, _ e: inout PageEntry, _ page: Int, fromFar: Bool, speculative: Bool, now: UInt32) {
+        var h = c.table.history(page)
+        var activate = false
+        if fromFar {
+            activate = policy.classify && !speculative && c.evictionSeq &- h.stamp <= UInt32(budgetPages)
+            countMigration(&c, &h, now)
+        }
+        h.stamp = now
+        c.table.setHistory(page, h)
+        e.speculative = speculative
+        if activate { counters.refaultActivations.bump() }
+        if !e.queued {
+            e.queued = true
+            e.active = activate
+            if activate { c.active.push(page) } else { c.inactive.push(page) }
+        } else if activate {
+            e.referenced = true  // promoted when its queue entry comes up
+        }
+    }
+
+    func countMigration(_ c: inout Core, _ h: inout PageHistory, _ now: UInt32) {
+        let window = UInt16(truncatingIfNeeded: Int(now) / max(1, policy.migrationWindowMilliseconds))
+        let n = h.countMigration(window: window)
+        if n > c.peakMigrations { c.peakMigrations = n }
+        counters.migrations.bump()
     }
 }
 
@@ -475,41 +589,15 @@ extension Region {
 extension Region {
     /// Evicts up to `maxPages` cold pages by the protocol in DESIGN.md: write-protect, copy out,
     /// store, punch; a write fault in between cancels a page's eviction. Returns pages freed.
-    public func evict(maxPages: Int, staging: StagingBuffer) -> Int {
+    /// - Parameter force: direct reclaim at the hard budget: the minimum residence time yields.
+    public func evict(maxPages: Int, staging: StagingBuffer, force: Bool = false) -> Int {
         guard gate.enter() else { return 0 }
         defer { gate.leave() }
         let limit = min(maxPages, staging.pages)
-        var victims: [(page: Int, kind: EvictionKind)] = []
-        victims.reserveCapacity(limit)
-        core.withLock { c in
-            var scanned = 0
-            let scanLimit = c.queue.count * 2
-            while victims.count < limit, scanned < scanLimit, let page = c.queue.pop() {
-                scanned += 1
-                var e = c.table[page]
-                guard e.state == .resident else {
-                    e.queued = false
-                    c.table[page] = e
-                    continue
-                }
-                if e.referenced {  // second chance
-                    e.referenced = false
-                    c.table[page] = e
-                    c.queue.push(page)
-                    continue
-                }
-                guard var kind = PageTransitions.beginEviction(&e) else {
-                    c.queue.push(page)  // an un-protect is in flight: not now
-                    continue
-                }
-                // A clean page whose far copy cannot be read now (its server failed) is written
-                // again instead of only punched: the local copy may be the only good one left.
-                if kind == .clean, let l = e.location, !store.isReadable(l) { kind = .writeBack }
-                e.queued = false
-                c.table[page] = e
-                victims.append((page, kind))
-            }
-        }
+        // Above the high watermark the budget wins over hysteresis; between the watermarks a
+        // page is not moved again before its minimum residence time.
+        let overrideResidence = force || needsEviction || agentBudget.residentPages > agentBudget.highPages
+        var victims = core.withLock { c in chooseVictims(&c, limit: limit, overrideResidence: overrideResidence) }
         guard !victims.isEmpty else { return 0 }
         victims.sort { $0.page < $1.page }
 
@@ -644,6 +732,7 @@ extension Region {
             }
             toPunch = toPunch.filter { !unpunched.binarySearchContains($0) }
         }
+        let now = nowStamp()
         core.withLock { c in
             for page in toPunch {
                 var e = c.table[page]
@@ -651,6 +740,11 @@ extension Region {
                 c.table[page] = e
                 c.resident -= 1
                 if e.state == .far { c.far += 1 }
+                var h = c.table.history(page)
+                countMigration(&c, &h, now)
+                h.stamp = c.evictionSeq
+                c.evictionSeq &+= 1
+                c.table.setHistory(page, h)
             }
         }
         for (i, v) in victims.enumerated() where toPunch.binarySearchContains(v.page) {
@@ -672,6 +766,118 @@ extension Region {
         return toPunch.count
     }
 
+    /// Picks up to `limit` victims and marks them evicting: prefetched pages judged wasted
+    /// first, then the inactive queue (oldest first; a written page gets promoted instead),
+    /// then the active one. Young pages are passed over unless `overrideResidence`, and taken
+    /// only when nothing else is left.
+    private func chooseVictims(_ c: inout Core, limit: Int, overrideResidence: Bool) -> [(page: Int, kind: EvictionKind)] {
+        var victims: [(page: Int, kind: EvictionKind)] = []
+        victims.reserveCapacity(limit)
+        let now = nowStamp()
+        let minResidence = UInt32(max(0, policy.minResidenceMilliseconds))
+        func take(_ page: Int, _ e: inout PageEntry, keepQueued: Bool) -> Bool {
+            guard var kind = PageTransitions.beginEviction(&e) else { return false }
+            // A clean page whose far copy cannot be read now (its server failed) is written
+            // again instead of only punched: the local copy may be the only good one left.
+            if kind == .clean, let l = e.location, !store.isReadable(l) { kind = .writeBack }
+            if e.speculative {
+                c.accuracy.record(wasted: 1)
+                counters.prefetchWasted.bump()
+            }
+            if !keepQueued {
+                e.queued = false
+                e.active = false
+            }
+            c.table[page] = e
+            victims.append((page, kind))
+            return true
+        }
+        // 1. Prefetched pages nobody used (their inactive/active entry stays: keepQueued).
+        while victims.count < limit, let page = c.reclaimFirst.pop() {
+            var e = c.table[page]
+            e.doomed = false
+            c.table[page] = e
+            guard e.state == .resident, e.speculative else { continue }
+            _ = take(page, &e, keepQueued: true)
+        }
+        // 2. Keep the active queue within its share: its oldest pages move to inactive.
+        let activeTarget = Int(Double(budgetPages) * policy.activeFraction)
+        var rotations = c.active.count
+        while c.active.count > activeTarget, rotations > 0, let page = c.active.pop() {
+            rotations -= 1
+            var e = c.table[page]
+            guard e.state == .resident || e.state == .evicting || e.state == .fetching else {
+                e.queued = false
+                e.active = false
+                c.table[page] = e
+                continue
+            }
+            if e.referenced {
+                e.referenced = false
+                c.active.push(page)
+            } else {
+                e.active = false
+                c.inactive.push(page)
+            }
+            c.table[page] = e
+        }
+        // 3. Inactive, then active, oldest first.
+        var young: [(page: Int, activeQueue: Bool)] = []
+        for activeQueue in [false, true] where victims.count < limit {
+            var scanned = 0
+            var youngInQueue = 0
+            let scanLimit = (activeQueue ? c.active.count : c.inactive.count) * 2
+            while victims.count < limit, scanned < scanLimit,
+                let page = activeQueue ? c.active.pop() : c.inactive.pop()
+            {
+                scanned += 1
+                var e = c.table[page]
+                guard e.state == .resident else {
+                    e.queued = false
+                    e.active = false
+                    c.table[page] = e
+                    continue
+                }
+                if e.referenced {  // written since it arrived: promote (or second chance)
+                    e.referenced = false
+                    if policy.classify || activeQueue {
+                        e.active = true
+                        c.active.push(page)
+                    } else {
+                        c.inactive.push(page)
+                    }
+                    c.table[page] = e
+                    continue
+                }
+                if minResidence > 0, now &- c.table.history(page).stamp < minResidence {
+                    young.append((page, activeQueue))  // held out of its queue until the scan ends
+                    youngInQueue += 1
+                    // Queues are oldest first: past a run of young pages, the rest are younger.
+                    if youngInQueue > limit + 64 { break }
+                    continue
+                }
+                if !take(page, &e, keepQueued: false) {
+                    if activeQueue { c.active.push(page) } else { c.inactive.push(page) }  // an un-protect is in flight
+                }
+            }
+        }
+        // 4. Young pages: taken only when the budget insists, oldest first; the rest go back.
+        var back: [(page: Int, activeQueue: Bool)] = []
+        for (page, activeQueue) in young {
+            var e = c.table[page]
+            if overrideResidence, victims.count < limit, e.state == .resident, take(page, &e, keepQueued: false) {
+                counters.residenceOverrides.bump()
+                continue
+            }
+            back.append((page, activeQueue))
+        }
+        // Back at the head of their queues, in their order: they are still the oldest.
+        for (page, activeQueue) in back.reversed() {
+            if activeQueue { c.active.pushFront(page) } else { c.inactive.pushFront(page) }
+        }
+        return victims
+    }
+
     private func abortEviction(_ c: inout Core, _ page: Int) {
         var e = c.table[page]
         PageTransitions.evictionFailed(&e)
@@ -682,7 +888,7 @@ extension Region {
     private func requeue(_ c: inout Core, _ e: inout PageEntry, _ page: Int) {
         if !e.queued {
             e.queued = true
-            c.queue.push(page)
+            if e.active { c.active.push(page) } else { c.inactive.push(page) }
         }
     }
 

@@ -46,7 +46,7 @@ public protocol FaultTarget: AnyObject, Sendable {
     var id: UInt64 { get }
     var uffd: Userfaultfd { get }
     /// Returns true when the evictor should be woken.
-    func handleFault(address: UInt64, write: Bool, writeProtect: Bool, staging: StagingBuffer,
+    func handleFault(address: UInt64, write: Bool, writeProtect: Bool, thread: UInt32, staging: StagingBuffer,
                      evictStaging: StagingBuffer) -> Bool
 }
 
@@ -91,7 +91,7 @@ public final class RegionView: FaultTarget, @unchecked Sendable {
         self.logger = l
     }
 
-    public func handleFault(address: UInt64, write: Bool, writeProtect: Bool, staging: StagingBuffer,
+    public func handleFault(address: UInt64, write: Bool, writeProtect: Bool, thread: UInt32, staging: StagingBuffer,
                             evictStaging: StagingBuffer) -> Bool
     {
         guard gate.enter() else { return false }
