@@ -30,6 +30,9 @@ let package = Package(
         .target(name: "FarpageKernel", dependencies: ["CFarpageKernel"], swiftSettings: strict),
         // Page checksums (XXH3 from Debian's libxxhash-dev, inlined).
         .target(name: "CFarpageChecksum"),
+        // io_uring through liburing (Debian's liburing-dev), behind an opaque handle, and the
+        // spill file's kernel calls. Returns >= 0 or -errno.
+        .target(name: "CFarpageUring", cSettings: cGNU, linkerSettings: [.linkedLibrary("uring")]),
         // The memory-server protocol and its authentication (shared by memserver and agent).
         .target(
             name: "FarpageTransport",
@@ -51,11 +54,11 @@ let package = Package(
         .target(name: "FarpageProtocol", swiftSettings: strict),
         // Far tiers behind the PageStore interface.
         .target(name: "FarpageTiers", dependencies: ["FarpageKernel"], swiftSettings: strict),
-        // The pool: far memory on memory servers (and a local spill), behind PageStore.
+        // The pool: far memory on memory servers (and a local spill: memory or a file), behind PageStore.
         .target(
             name: "FarpagePool",
             dependencies: [
-                "FarpageTiers", "FarpageTransport", "FarpageKernel", "CFarpageChecksum",
+                "FarpageTiers", "FarpageTransport", "FarpageKernel", "CFarpageChecksum", "CFarpageUring",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),

@@ -616,7 +616,7 @@ static int fp_drop_locked(struct fp_region *r, uintptr_t start, uintptr_t end, u
 }
 
 FP_EXPORT int farpage_advise(void *addr, size_t len, int hint) {
-    if (hint < FARPAGE_ADVISE_NORMAL || hint > FARPAGE_ADVISE_RANDOM) {
+    if (hint < FARPAGE_ADVISE_NORMAL || (hint > FARPAGE_ADVISE_RANDOM && hint != FARPAGE_ADVISE_STREAM)) {
         fp_set_error(EINVAL, "farpage_advise: unknown hint %d", hint);
         return -1;
     }

@@ -32,6 +32,7 @@ public final class Agent: @unchecked Sendable {
     let budget: ResidentBudget
     let policy: PagingPolicy
     let evictor: Evictor
+    let streams: StreamFetcher
     let faults: FaultService
     let zeroPage: UnsafeMutableRawPointer
     let registry = RegionRegistry()
@@ -65,7 +66,7 @@ public final class Agent: @unchecked Sendable {
                 throw AgentStartError("pool.secret_file: \(error)", isConfiguration: true)
             }
         }
-        store = PoolStore(spillBytes: config.storeCapacity, agentID: ClusterSecret.randomBytes(16),
+        store = PoolStore(spill: try Self.localSpill(config, logger: logger), agentID: ClusterSecret.randomBytes(16),
                           agentName: "farpaged-\(getpid())", secret: secret,
                           ioTimeoutMilliseconds: Int32(config.poolIOTimeoutSeconds * 1000), logger: logger)
         budget = ResidentBudget(budgetPages: Int(config.residentBudget / page), highWatermark: config.highWatermark,
@@ -74,17 +75,41 @@ public final class Agent: @unchecked Sendable {
         p.highWatermark = config.highWatermark
         p.lowWatermark = config.lowWatermark
         p.evictBatch = config.evictBatch
+        p.prefetch = config.prefetch
+        p.sequentialWindow = config.prefetchWindow
+        p.maxPrefetchWindow = config.maxPrefetchWindow
+        p.minResidenceMilliseconds = Int(config.minResidenceSeconds * 1000)
+        p.classify = config.classify
+        p.activeFraction = config.activeFraction
+        p.migrationWindowMilliseconds = max(1, Int(config.migrationWindowSeconds * 1000))
         policy = p
         do {
             zeroPage = try AnonymousMemory.map(bytes: page)
         } catch { throw AgentStartError("cannot reserve memory: \(error)") }
         let registry = self.registry
         evictor = Evictor(budget: budget, batch: config.evictBatch, logger: logger) { registry.all() }
+        streams = StreamFetcher(batchPages: max(p.maxPrefetchWindow, 16) + 1, evictBatch: config.evictBatch, logger: logger)
         do {
             faults = try FaultService(threads: config.effectiveFaultThreads, evictor: evictor,
                                       stagingPages: max(p.maxPrefetchWindow, 1), evictBatch: config.evictBatch,
                                       spinMicroseconds: config.faultSpinMicroseconds, logger: logger)
         } catch { throw AgentStartError("cannot create fault threads: \(error)") }
+    }
+
+    /// The local spill `[store]` asks for: the agent's memory, or a spill file (opened, locked
+    /// and preallocated now, so that a missing directory or a full disk stops the start).
+    static func localSpill(_ config: AgentConfig, logger: Logger) throws(AgentStartError) -> LocalSpill {
+        guard config.storeKind == "file" else { return .memory(capacityBytes: config.storeCapacity) }
+        guard let path = config.storePath else {
+            throw AgentStartError("[store] path is required when kind = \"file\"", isConfiguration: true)
+        }
+        do {
+            return .file(try SpillFileBackend(path: path, capacityBytes: config.storeCapacity, directIO: config.storeDirectIO,
+                                              logger: logger))
+        } catch {
+            // io_uring refused is the host's doing (exit 69); the rest needs [store] or the disk changed (78).
+            throw AgentStartError("[store] \(error)", isConfiguration: error.code != .ioUringUnavailable)
+        }
     }
 
     /// Starts the threads and the control socket, then tells systemd it is ready.
@@ -112,6 +137,7 @@ public final class Agent: @unchecked Sendable {
         heartbeatThread = startThread(name: "fp-heartbeat") { [self] in heartbeatLoop() }
         do {
             try evictor.start()
+            try streams.start()
             try faults.start()
             let server = try ControlServer(agent: self, socket: socket, logger: logger)
             server.start()
@@ -122,7 +148,7 @@ public final class Agent: @unchecked Sendable {
             metadata: [
                 "fp.socket": "\(config.socket)", "fp.uffd_access": "\(probe.access.rawValue)",
                 "fp.budget_pages": "\(budget.budgetPages)", "fp.fault_threads": "\(config.effectiveFaultThreads)",
-                "fp.store": "\(store.name) \(config.storeCapacity) bytes",
+                "fp.store": "\(store.name)", "fp.spill": "\(store.report().first.map { "\($0.address) via \($0.transport), \($0.capacityBytes) bytes" } ?? "none")",
             ])
         systemdNotify("READY=1\nSTATUS=serving on \(config.socket)")
     }
@@ -148,6 +174,7 @@ public final class Agent: @unchecked Sendable {
                 metadata: ["fp.regions": "\(left.map(\.id))"])
         }
         for region in left { region.close() }
+        streams.stop()
         faults.stop()
         evictor.stop()
         stopHeartbeat.store(true, ordering: .relaxed)
@@ -217,7 +244,8 @@ public final class Agent: @unchecked Sendable {
             let until = monotonicNanoseconds() + ControlServer.forkLingerNanoseconds
             lingering.withLock { $0[id] = (region, until) }
         }
-        let s = region.snapshot()
+        var s = region.snapshot()
+        s.lastWindowPeakMigrations = 0  // a gauge of live regions
         retired.withLock { $0 = $0 + s }
         logger.info(
             "region released",
@@ -270,6 +298,7 @@ public final class Agent: @unchecked Sendable {
             "prefetch_hits": s.prefetchHits, "prefetch_wasted": s.prefetchWasted,
             "refault_activations": s.refaultActivations, "migrations": s.migrations,
             "residence_overrides": s.residenceOverrides, "peak_page_migrations_per_window": s.peakPageMigrationsPerWindow,
+            "last_window_peak_page_migrations": s.lastWindowPeakMigrations,
         ]
     }
 
@@ -293,8 +322,13 @@ public final class Agent: @unchecked Sendable {
         store.report().map {
             PoolServer(address: $0.address, status: $0.status.rawValue, transport: $0.transport, capacityBytes: $0.capacityBytes,
                        leaseBytes: $0.leaseBytes, leases: $0.leases, storedPages: $0.storedPages, errors: $0.errors,
-                       lastError: $0.lastError, reclaimingLeases: $0.reclaimingLeases)
+                       lastError: $0.lastError, reclaimingLeases: $0.reclaimingLeases, spillFile: $0.spillFile.map(Self.spillIO))
         }
+    }
+
+    static func spillIO(_ c: SpillFileCounters) -> SpillFileIO {
+        SpillFileIO(direct: c.direct, reads: c.reads, writes: c.writes, readBytes: c.readBytes, writtenBytes: c.writtenBytes,
+                    submissions: c.submissions, checksumFailures: c.checksumFailures, bounced: c.bounced)
     }
 
     func regionReports() -> [RegionReport] {

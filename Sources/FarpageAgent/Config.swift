@@ -1,4 +1,5 @@
 import FarpageKernel
+import FarpagePool
 import Foundation
 import Logging
 import TOMLKit
@@ -19,12 +20,23 @@ public struct AgentConfig: Sendable, Equatable {
     public var shutdownGraceSeconds = 10.0
     public var storeKind = "memory"
     public var storeCapacity: UInt64 = 16 << 30
+    /// The spill file of `storeKind == "file"` (absolute; no default).
+    public var storePath: String? = nil
+    public var storeDirectIO = SpillDirectIO.auto
     /// Memory servers to attach at start ("HOST:PORT").
     public var poolServers: [String] = []
     public var poolSecretFile: String? = nil
     public var poolHeartbeatSeconds = 1.0
     public var poolIOTimeoutSeconds = 2.0
     public var logLevel: Logger.Level = .info
+    /// [tiering]: see config/agent.toml and docs/tiering.md.
+    public var prefetch = true
+    public var prefetchWindow = 16
+    public var maxPrefetchWindow = 128
+    public var minResidenceSeconds = 0.1
+    public var classify = true
+    public var activeFraction = 0.5
+    public var migrationWindowSeconds = 1.0
 
     public init() {}
 
@@ -48,9 +60,13 @@ extension AgentConfig {
             "socket", "socket_mode", "fault_threads", "resident_budget", "region_budget", "max_region_size",
             "max_regions", "high_watermark", "low_watermark", "evict_batch", "shutdown_grace", "fault_spin_us",
         ],
-        "store": ["kind", "capacity"],
+        "store": ["kind", "capacity", "path", "direct_io"],
         "pool": ["servers", "secret_file", "heartbeat", "io_timeout"],
         "log": ["level"],
+        "tiering": [
+            "prefetch", "prefetch_window", "max_prefetch_window", "min_residence", "classify", "active_fraction",
+            "migration_window",
+        ],
     ]
 
     /// Loads and validates a TOML file.
@@ -75,7 +91,7 @@ extension AgentConfig {
         for section in table.keys {
             guard let allowed = knownKeys[section] else {
                 throw ConfigError(key: section, problem: "unknown section",
-                                  fix: "use one of [agent], [store], [pool], [log]")
+                                  fix: "use one of [agent], [store], [pool], [tiering], [log]")
             }
             guard let sub = table[section]?.table else {
                 throw ConfigError(key: section, problem: "must be a table", fix: "write it as [\(section)]")
@@ -119,14 +135,7 @@ extension AgentConfig {
             }
             c.shutdownGraceSeconds = seconds
         }
-        if let v = store?["kind"] {
-            guard let s = v.string, s == "memory" else {
-                throw ConfigError(key: "store.kind", problem: "unsupported far tier \(v.string.map { "\"\($0)\"" } ?? "value")",
-                                  fix: "this release supports kind = \"memory\"")
-            }
-            c.storeKind = s
-        }
-        c.storeCapacity = try size(store, "capacity", "store.capacity", c.storeCapacity)
+        try parseStore(store, into: &c)
         let pool = table["pool"]?.table
         if let v = pool?["servers"] {
             guard let array = v.array else {
@@ -164,6 +173,7 @@ extension AgentConfig {
             throw ConfigError(key: "pool.secret_file", problem: "is required when pool.servers is set",
                               fix: "point it at the cluster secret shared with the memory servers")
         }
+        try parseTiering(table["tiering"]?.table, into: &c)
         if let v = log?["level"] {
             guard let s = v.string, let level = Logger.Level(rawValue: s.lowercased()) else {
                 throw ConfigError(key: "log.level", problem: "unknown level",
@@ -173,6 +183,57 @@ extension AgentConfig {
         }
         try c.validate()
         return c
+    }
+
+    private static func parseTiering(_ t: TOMLTable?, into c: inout AgentConfig) throws(ConfigError) {
+        for (key, path) in [("prefetch", \AgentConfig.prefetch), ("classify", \AgentConfig.classify)] {
+            guard let v = t?[key] else { continue }
+            guard let b = v.bool else {
+                throw ConfigError(key: "tiering.\(key)", problem: "must be true or false", fix: "e.g. \(key) = true")
+            }
+            c[keyPath: path] = b
+        }
+        c.prefetchWindow = try integer(t, "prefetch_window", "tiering.prefetch_window", 1...4096, c.prefetchWindow)
+        c.maxPrefetchWindow = try integer(t, "max_prefetch_window", "tiering.max_prefetch_window", 1...4096, c.maxPrefetchWindow)
+        guard c.prefetchWindow <= c.maxPrefetchWindow else {
+            throw ConfigError(key: "tiering.prefetch_window", problem: "(\(c.prefetchWindow)) exceeds max_prefetch_window (\(c.maxPrefetchWindow))",
+                              fix: "e.g. prefetch_window = 16 and max_prefetch_window = 128")
+        }
+        c.activeFraction = try fraction(t, "active_fraction", "tiering.active_fraction", c.activeFraction)
+        for (key, path, zeroOK) in [("min_residence", \AgentConfig.minResidenceSeconds, true),
+                                    ("migration_window", \AgentConfig.migrationWindowSeconds, false)] {
+            guard let v = t?[key] else { continue }
+            guard let s = v.string, let d = parseDuration(s), d >= 0, zeroOK || d > 0, d <= 3600 else {
+                throw ConfigError(key: "tiering.\(key)", problem: "must be a duration\(zeroOK ? "" : " above zero") of at most 1h",
+                                  fix: "e.g. \(key) = \"\(key == "min_residence" ? "100ms" : "1s")\"")
+            }
+            c[keyPath: path] = d
+        }
+    }
+
+    private static func parseStore(_ store: TOMLTable?, into c: inout AgentConfig) throws(ConfigError) {
+        if let v = store?["kind"] {
+            guard let s = v.string, s == "memory" || s == "file" else {
+                throw ConfigError(key: "store.kind", problem: "unsupported far tier \(v.string.map { "\"\($0)\"" } ?? "value")",
+                                  fix: "use kind = \"memory\" (the agent's own memory) or kind = \"file\" (a spill file; set path too)")
+            }
+            c.storeKind = s
+        }
+        c.storeCapacity = try size(store, "capacity", "store.capacity", c.storeCapacity)
+        if let v = store?["path"] {
+            guard let s = v.string, s.hasPrefix("/"), !s.hasSuffix("/") else {
+                throw ConfigError(key: "store.path", problem: "must be the absolute path of a file",
+                                  fix: "e.g. path = \"/var/lib/farpage/spill\"")
+            }
+            c.storePath = s
+        }
+        if let v = store?["direct_io"] {
+            guard let s = v.string, let mode = SpillDirectIO(rawValue: s) else {
+                throw ConfigError(key: "store.direct_io", problem: "must be \"auto\" or \"off\"",
+                                  fix: "direct_io = \"auto\" uses O_DIRECT where the filesystem allows it; \"off\" always goes through the page cache")
+            }
+            c.storeDirectIO = mode
+        }
     }
 
     /// Cross-field checks.
@@ -195,6 +256,10 @@ extension AgentConfig {
         }
         guard storeCapacity >= page else {
             throw ConfigError(key: "store.capacity", problem: "is below one page", fix: "e.g. capacity = \"16GiB\"")
+        }
+        if storeKind == "file" && storePath == nil {
+            throw ConfigError(key: "store.path", problem: "is required when kind = \"file\"",
+                              fix: "name the spill file, e.g. path = \"/var/lib/farpage/spill\" (its directory must exist)")
         }
     }
 

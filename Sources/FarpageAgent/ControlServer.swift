@@ -443,6 +443,12 @@ final class ControlServer: @unchecked Sendable {
             first = (a.offset + page - 1) / page
             last = (a.offset + a.length) / page
         }
+        if hint == .stream, last > first {
+            region.advise(firstPage: Int(first), count: Int(last - first), hint: .sequential, staging: staging,
+                          evictStaging: evictStaging)
+            agent.streams.enqueue(.init(region: region, firstPage: Int(first), count: Int(last - first)))
+            return .ok(0, 0)
+        }
         if last > first {
             let complete = region.advise(firstPage: Int(first), count: Int(last - first), hint: hint, staging: staging,
                                          evictStaging: evictStaging)

@@ -60,6 +60,8 @@ public struct StatsSnapshot: Sendable, Codable, Equatable {
     public var residenceOverrides: UInt64 = 0
     /// The most moves of one page within one migration window (a maximum, not a sum).
     public var peakPageMigrationsPerWindow: UInt64 = 0
+    /// The most moves of one page within the last complete window (a maximum).
+    public var lastWindowPeakMigrations: UInt64 = 0
 
     public init() {}
 
@@ -98,6 +100,7 @@ public struct StatsSnapshot: Sendable, Codable, Equatable {
         s.migrations = a.migrations + b.migrations
         s.residenceOverrides = a.residenceOverrides + b.residenceOverrides
         s.peakPageMigrationsPerWindow = max(a.peakPageMigrationsPerWindow, b.peakPageMigrationsPerWindow)
+        s.lastWindowPeakMigrations = max(a.lastWindowPeakMigrations, b.lastWindowPeakMigrations)
         return s
     }
 }

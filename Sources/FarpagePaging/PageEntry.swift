@@ -21,7 +21,7 @@ public enum PageState: UInt8, Sendable, CaseIterable {
 /// One page-table entry, packed in 8 bytes.
 ///
 /// Layout: bits 0–2 state, 3 dirty, 4 cancel, 5 referenced, 6 queued, 7 has-location,
-/// 8 unprotect-pending, 9 active, 10 speculative, 11 doomed, 16–63 far-tier location. `dirty` means the local copy differs from (or has no) far copy;
+/// 8 unprotect-pending, 9 active, 10 speculative, 11 doomed, 12 wasted, 16–63 far-tier location. `dirty` means the local copy differs from (or has no) far copy;
 /// a clean resident page is mapped write-protected, so its first write is seen.
 public struct PageEntry: Equatable, Sendable, CustomStringConvertible {
     public var raw: UInt64
@@ -37,6 +37,7 @@ public struct PageEntry: Equatable, Sendable, CustomStringConvertible {
     private static let activeBit: UInt64 = 1 << 9
     private static let speculativeBit: UInt64 = 1 << 10
     private static let doomedBit: UInt64 = 1 << 11
+    private static let wastedBit: UInt64 = 1 << 12
     private static let flagsMask: UInt64 = 0xFFFF
 
     public var state: PageState {
@@ -77,6 +78,11 @@ public struct PageEntry: Equatable, Sendable, CustomStringConvertible {
     public var speculative: Bool {
         get { bit(Self.speculativeBit) }
         set { set(Self.speculativeBit, newValue) }
+    }
+    /// Far because it was prefetched and evicted unused: not prefetched again soon.
+    public var wasted: Bool {
+        get { bit(Self.wastedBit) }
+        set { set(Self.wastedBit, newValue) }
     }
     /// Also has an entry in the reclaim-first queue (a prefetch judged wasted).
     public var doomed: Bool {

@@ -56,13 +56,22 @@ struct StrideDetector: Sendable {
             }
             issued = nil
         }
-        history[seen % Self.historySize] = page
-        seen += 1
+        if case .hit(let issue) = verdict {
+            // The stream read the prefetched pages without faulting: they count as accesses,
+            // or the jumps from one window to the next would outvote the stride.
+            for p in issue.pages.suffix(Self.historySize - 1) { remember(p) }
+        }
+        remember(page)
         guard let stride = trend() else { return (verdict, nil) }
         if window == 0 { window = 1 }  // a new trend after a backoff: probe with one page
         let next = Issue(first: page + stride, stride: stride, count: window)
         issued = next
         return (verdict, next)
+    }
+
+    private mutating func remember(_ page: Int) {
+        history[seen % Self.historySize] = page
+        seen += 1
     }
 
     /// The stream reached the page after the issue (or a little beyond: several pages of a

@@ -37,8 +37,8 @@ public struct PagingPolicy: Sendable {
     public var maxPrefetchWindow: Int = 128
     /// Automatic prefetch (stride detection); advised ranges are prefetched either way.
     public var prefetch = true
-    /// Hysteresis: a page that became resident is not evicted again for this long while the
-    /// region is between its watermarks (above the high one, the budget wins).
+    /// Hysteresis: a page that became resident is not evicted by background (watermark)
+    /// eviction for this long; only the hard budget may take it sooner.
     public var minResidenceMilliseconds = 100
     /// Hot/cold classification: a page faulted back within a budget's worth of evictions
     /// (its refault distance) goes to the active queue, evicted only after inactive pages.
@@ -102,6 +102,10 @@ public final class Region: @unchecked Sendable {
         var accuracy = PrefetchAccuracy()
         /// The most times one page moved in one migration window, ever.
         var peakMigrations = 0
+        /// The same within the current window and the one before it.
+        var migrationWindow: UInt16 = 0
+        var windowPeak = 0
+        var previousWindowPeak = 0
         var sequential: [Range<Int>] = []
         /// Stream detection (fault thread only): last missing fault, run length, window.
         var lastFault = -1
@@ -182,6 +186,7 @@ public final class Region: @unchecked Sendable {
         s.migrations = counters.migrations.value
         s.residenceOverrides = counters.residenceOverrides.value
         s.peakPageMigrationsPerWindow = UInt64(peakPageMigrationsPerWindow)
+        s.lastWindowPeakMigrations = UInt64(lastWindowPeakMigrations)
         s.regions = 1
         return s
     }
@@ -193,6 +198,16 @@ public final class Region: @unchecked Sendable {
 
     /// The most times one page moved between tiers within one migration window, so far.
     public var peakPageMigrationsPerWindow: Int { core.withLock { $0.peakMigrations } }
+
+    /// The most times one page moved within the last complete migration window.
+    public var lastWindowPeakMigrations: Int {
+        let window = UInt16(truncatingIfNeeded: Int(nowStamp()) / max(1, policy.migrationWindowMilliseconds))
+        return core.withLock { c in
+            if window == c.migrationWindow &+ 1 { return c.windowPeak }
+            if window == c.migrationWindow { return c.previousWindowPeak }
+            return 0
+        }
+    }
 
     /// Milliseconds since the region was created (wrapping): the time base of page histories.
     @inline(__always) func nowStamp() -> UInt32 { UInt32(truncatingIfNeeded: (monotonicNanoseconds() - createdAt) / 1_000_000) }
@@ -366,7 +381,10 @@ extension Region {
     /// With `demand`, `page` itself (already claimed by its fault) heads the batch and is
     /// installed first. Never goes past the region's budget (prefetch must not push the
     /// working set out).
-    private func prefetch(from page: Int, demand: PageLocation?, plan: StrideDetector.Issue, writable: Bool, staging: StagingBuffer) {
+    /// - Parameter speculative: false for pages the client declared it will use (a stream hint).
+    private func prefetch(from page: Int, demand: PageLocation?, plan: StrideDetector.Issue, writable: Bool, staging: StagingBuffer,
+                          speculative: Bool = true)
+    {
         let room = budgetPages - 1 - residentPages
         let window = max(0, min(plan.count, staging.pages - 1, room))
         // The planned pages inside the region, in ascending order (runs install with one ioctl).
@@ -377,8 +395,11 @@ extension Region {
         if !planned.isEmpty {
             core.withLock { c in
                 for next in planned {
-                    let state = c.table[next].state
-                    guard state == .far || state == .untouched else { continue }
+                    let e = c.table[next]
+                    guard e.state == .far || e.state == .untouched else { continue }
+                    // Prefetched and evicted unused within the last budget's worth of
+                    // evictions: fetching it again would make it ping-pong.
+                    if e.wasted, speculative, c.evictionSeq &- c.table.history(next).stamp <= UInt32(budgetPages) { continue }
                     switch PageTransitions.missingFault(&c.table[next]) {
                     case .zeroFill: claimed.append((next, nil))
                     case .fetch(let l): claimed.append((next, l))
@@ -426,7 +447,7 @@ extension Region {
                     if inBatch[j] >= 0 { fetched += 1 }
                     j += 1
                 }
-                installRun(claimed[i].page, count: j - i, from: staging.page(i), writable: writable)
+                installRun(claimed[i].page, count: j - i, from: staging.page(i), writable: writable, speculative: speculative)
                 i = j
             }
             if !failed.isEmpty {
@@ -452,7 +473,7 @@ extension Region {
 
     /// Installs `count` consecutive pages with one `UFFDIO_COPY` (clean and write-protected
     /// unless `writable`). Falls back to page by page when the kernel stops part way.
-    private func installRun(_ first: Int, count: Int, from source: UnsafeRawPointer, writable: Bool) {
+    private func installRun(_ first: Int, count: Int, from source: UnsafeRawPointer, writable: Bool, speculative: Bool) {
         let result: Userfaultfd.InstallResult
         do {
             result = try uffd.copy(to: address(ofPage: first), from: source, length: count * spec.pageSize,
@@ -472,7 +493,7 @@ extension Region {
                 PageTransitions.installed(&e, writable: writable)
                 if wasFar { c.far -= 1 }
                 c.resident += 1
-                admit(&c, &e, first + k, fromFar: wasFar, speculative: true, now: now)
+                admit(&c, &e, first + k, fromFar: wasFar, speculative: speculative, now: now)
                 c.table[first + k] = e
             }
         }
@@ -560,12 +581,16 @@ extension Region {
         var h = c.table.history(page)
         var activate = false
         if fromFar {
-            activate = policy.classify && !speculative && c.evictionSeq &- h.stamp <= UInt32(budgetPages)
+            // Hot: faulted back within half the active queue's share of evictions (as Linux
+            // compares a refault's distance with its active list).
+            let threshold = max(16, Int(Double(budgetPages) * policy.activeFraction) / 2)
+            activate = policy.classify && !speculative && c.evictionSeq &- h.stamp <= UInt32(threshold)
             countMigration(&c, &h, now)
         }
         h.stamp = now
         c.table.setHistory(page, h)
         e.speculative = speculative
+        e.wasted = false
         if activate { counters.refaultActivations.bump() }
         if !e.queued {
             e.queued = true
@@ -580,6 +605,12 @@ extension Region {
         let window = UInt16(truncatingIfNeeded: Int(now) / max(1, policy.migrationWindowMilliseconds))
         let n = h.countMigration(window: window)
         if n > c.peakMigrations { c.peakMigrations = n }
+        if window != c.migrationWindow {
+            c.previousWindowPeak = window == c.migrationWindow &+ 1 ? c.windowPeak : 0
+            c.migrationWindow = window
+            c.windowPeak = 0
+        }
+        if n > c.windowPeak { c.windowPeak = n }
         counters.migrations.bump()
     }
 }
@@ -594,9 +625,10 @@ extension Region {
         guard gate.enter() else { return 0 }
         defer { gate.leave() }
         let limit = min(maxPages, staging.pages)
-        // Above the high watermark the budget wins over hysteresis; between the watermarks a
-        // page is not moved again before its minimum residence time.
-        let overrideResidence = force || needsEviction || agentBudget.residentPages > agentBudget.highPages
+        // Hysteresis: background eviction (the watermarks) never moves a page again before its
+        // minimum residence time; only the hard budget (the region's, in direct reclaim, or
+        // the agent's) may take young pages.
+        let overrideResidence = force || agentBudget.residentPages >= agentBudget.budgetPages
         var victims = core.withLock { c in chooseVictims(&c, limit: limit, overrideResidence: overrideResidence) }
         guard !victims.isEmpty else { return 0 }
         victims.sort { $0.page < $1.page }
@@ -736,7 +768,9 @@ extension Region {
         core.withLock { c in
             for page in toPunch {
                 var e = c.table[page]
+                let unused = e.speculative
                 PageTransitions.punched(&e)
+                e.wasted = unused && e.state == .far
                 c.table[page] = e
                 c.resident -= 1
                 if e.state == .far { c.far += 1 }
@@ -792,13 +826,24 @@ extension Region {
             victims.append((page, kind))
             return true
         }
-        // 1. Prefetched pages nobody used (their inactive/active entry stays: keepQueued).
+        // 1. Prefetched pages nobody used (their inactive/active entry stays: keepQueued). Not
+        //    before their minimum residence either: prefetch must not make pages ping-pong.
+        var doomedYoung: [Int] = []
         while victims.count < limit, let page = c.reclaimFirst.pop() {
             var e = c.table[page]
             e.doomed = false
             c.table[page] = e
             guard e.state == .resident, e.speculative else { continue }
+            if !overrideResidence, minResidence > 0, now &- c.table.history(page).stamp < minResidence {
+                doomedYoung.append(page)
+                if doomedYoung.count > limit + 64 { break }
+                continue
+            }
             _ = take(page, &e, keepQueued: true)
+        }
+        for page in doomedYoung.reversed() {
+            c.table[page].doomed = true
+            c.reclaimFirst.pushFront(page)
         }
         // 2. Keep the active queue within its share: its oldest pages move to inactive.
         let activeTarget = Int(Double(budgetPages) * policy.activeFraction)
@@ -908,6 +953,9 @@ public enum AdviceHint: UInt32, Sendable {
     /// pages are marked so that nothing (fetch-ahead above all) ever installs there again:
     /// the kernel may give those addresses to another registered mapping of the process.
     case gone = 5
+    /// The range is read next, in order (the next layer): marked sequential, and fetched in
+    /// the background by the agent's stream thread (`Region.streamFetch`); the call returns at once.
+    case stream = 6
 }
 
 extension Region {
@@ -926,7 +974,7 @@ extension Region {
                 // RANDOM over the whole region turns stream detection off; NORMAL turns it back on.
                 if range.count == pageCount { c.random = hint == .random }
             }
-        case .sequential:
+        case .sequential, .stream:
             core.withLock { c in
                 c.sequential.removeAll { $0.overlaps(range) }
                 if c.sequential.count < 64 { c.sequential.append(range) }
@@ -936,7 +984,7 @@ extension Region {
             // the low watermark's worth: more would evict the range's own first pages.
             for page in range.prefix(max(1, lowPages)) {
                 if isClosed { break }
-                if residentPages >= budgetPages - 1, evict(maxPages: policy.evictBatch, staging: evictStaging) == 0 { break }
+                if residentPages >= budgetPages - 1, evict(maxPages: policy.evictBatch, staging: evictStaging, force: true) == 0 { break }
                 let action = core.withLock { c -> FaultAction? in
                     guard c.table[page].state == .far else { return nil }
                     return PageTransitions.missingFault(&c.table[page])
@@ -1027,6 +1075,27 @@ extension Region {
             return pending.isEmpty
         }
         return true
+    }
+
+    /// Fetches far pages of [first, first+count) ahead of use, clean, in batches of
+    /// consecutive pages (one streaming store read and one `UFFDIO_COPY` per run each), making
+    /// room by evicting the oldest pages: the client declared the range its next working set.
+    /// At most the low watermark's worth. Runs on the agent's stream thread.
+    public func streamFetch(firstPage: Int, count: Int, staging: StagingBuffer, evictStaging: StagingBuffer) {
+        guard gate.enter() else { return }
+        defer { gate.leave() }
+        let range = (firstPage..<(firstPage + count)).clamped(to: 0..<pageCount).prefix(max(1, lowPages))
+        var next = range.lowerBound
+        while next < range.upperBound, !isClosed {
+            let n = min(staging.pages - 1, range.upperBound - next)
+            while budgetPages - 1 - residentPages < n, evict(maxPages: policy.evictBatch, staging: evictStaging, force: true) > 0 {}
+            prefetch(from: next - 1, demand: nil, plan: StrideDetector.Issue(first: next, stride: 1, count: n), writable: false,
+                     staging: staging, speculative: false)
+            // A write-protect fault raised between an install and its commit was dropped:
+            // wake the run so that it is retried.
+            uffd.wake(address: address(ofPage: next), length: UInt64(n * spec.pageSize))
+            next += n
+        }
     }
 
     /// Whether the client unmapped all of `pages` (ADVISE GONE): the kernel may map

@@ -8,9 +8,18 @@ import Synchronization
 import Glibc
 #endif
 
-/// Where a lease lives: a memory server over TCP, or the agent's own local spill.
+/// One run of consecutive pages of a lease, read into consecutive pages at `into`.
+struct LeaseReadRun {
+    var offset: UInt64
+    var pages: Int
+    var into: UnsafeMutableRawPointer
+}
+
+/// Where a lease lives: a memory server over TCP, or the agent's own local spill (memory or a file).
 protocol LeaseBackend: AnyObject, Sendable {
     var name: String { get }
+    /// How pages get there, for `farpagectl pool list`: `tcp`, `local`, `io_uring (O_DIRECT)`.
+    var transport: String { get }
     var leaseBytes: UInt64 { get }
     func allocateLeases(_ count: Int) throws(TransportError) -> [UInt64]
     func freeLease(_ id: UInt64) throws(TransportError)
@@ -20,6 +29,24 @@ protocol LeaseBackend: AnyObject, Sendable {
         throws(TransportError)
     /// Writes `pages` contiguous pages from `from`.
     func write(lease id: UInt64, offset: UInt64, pages: Int, from: UnsafeRawPointer) throws(TransportError)
+    /// Reads several runs of one lease at once (one round trip, one io_uring submission), each
+    /// verified: `each(j, error)` runs once per run, in order, as soon as run `j` is in place.
+    /// Throws when the backend broke part way; runs not reported by then did not complete.
+    func readRuns(lease id: UInt64, runs: [LeaseReadRun], each: (Int, TransportError?) -> Void) throws(TransportError)
+}
+
+extension LeaseBackend {
+    /// Backends without batched reads: one run at a time.
+    func readRuns(lease id: UInt64, runs: [LeaseReadRun], each: (Int, TransportError?) -> Void) throws(TransportError) {
+        for (j, run) in runs.enumerated() {
+            do throws(TransportError) {
+                try read(lease: id, offset: run.offset, pages: run.pages, into: run.into, allowUnwritten: false)
+                each(j, nil)
+            } catch {
+                each(j, error)
+            }
+        }
+    }
 }
 
 /// A memory server, reached through a pool of authenticated connections so that each
@@ -39,6 +66,7 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
     private(set) var serverID: [UInt8] = []
 
     var name: String { "\(host):\(port)" }
+    var transport: String { "tcp" }
 
     init(host: String, port: Int, agentID: [UInt8], agentName: String, secret: ClusterSecret, ioTimeoutMilliseconds: Int32)
         throws(TransportError)
@@ -142,6 +170,10 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
     /// Reads several runs of one lease with one round trip's wait: `each(j, error)` runs as
     /// soon as run `j` is in place and verified. Throws when the connection broke; runs not
     /// reported by then did not complete.
+    func readRuns(lease id: UInt64, runs: [LeaseReadRun], each: (Int, TransportError?) -> Void) throws(TransportError) {
+        try readPipelined(lease: id, runs: runs.map { .init(offset: $0.offset, pages: $0.pages, into: $0.into) }, each: each)
+    }
+
     func readPipelined(lease id: UInt64, runs: [MemserverClient.ReadRun], each: (Int, TransportError?) -> Void)
         throws(TransportError)
     {
@@ -165,6 +197,7 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
 /// them (all full, failed or draining). It keeps data safe; it does not save memory.
 final class LocalSpillBackend: LeaseBackend, @unchecked Sendable {
     let name = "local-spill"
+    let transport = "local"
     let leaseBytes: UInt64
     let capacityLeases: Int
     struct Slab: @unchecked Sendable { let base: UnsafeMutableRawPointer }

@@ -33,6 +33,17 @@ public struct PoolServerReport: Codable, Sendable {
     public var transport: String
     /// Leases the server asked back that are still being moved.
     public var reclaimingLeases: Int
+    /// The spill file's I/O counters (`[store] kind = "file"`); nil for other backends.
+    public var spillFile: SpillFileCounters? = nil
+}
+
+/// Where the pool keeps pages that no memory server can take (with no servers, all of them).
+public enum LocalSpill: Sendable {
+    /// Leases of the agent's own anonymous memory, up to `capacityBytes`: keeps data safe,
+    /// saves no memory on this host.
+    case memory(capacityBytes: UInt64)
+    /// Leases in a spill file on local storage (the NVMe tier).
+    case file(SpillFileBackend)
 }
 
 /// The pool of far memory: leases on memory servers (placed by free capacity, power of two
@@ -122,11 +133,29 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     /// - Parameters:
     ///   - spillBytes: capacity of the local spill (the agent's own memory).
     ///   - secret: the cluster secret; nil when no memory server will be used.
-    public init(spillBytes: UInt64, leaseBytes: UInt64 = 64 << 20, agentID: [UInt8], agentName: String,
+    public convenience init(spillBytes: UInt64, leaseBytes: UInt64 = 64 << 20, agentID: [UInt8], agentName: String,
+                            secret: ClusterSecret?, ioTimeoutMilliseconds: Int32 = 2000, leasesPerRequest: Int = 2,
+                            logger: Logger)
+    {
+        self.init(spill: .memory(capacityBytes: spillBytes), leaseBytes: leaseBytes, agentID: agentID, agentName: agentName,
+                  secret: secret, ioTimeoutMilliseconds: ioTimeoutMilliseconds, leasesPerRequest: leasesPerRequest,
+                  logger: logger)
+    }
+
+    /// - Parameters:
+    ///   - spill: the local spill: the agent's own memory, or a spill file (whose lease size is its own).
+    ///   - leaseBytes: lease size of a memory spill.
+    ///   - secret: the cluster secret; nil when no memory server will be used.
+    public init(spill: LocalSpill, leaseBytes: UInt64 = 64 << 20, agentID: [UInt8], agentName: String,
                 secret: ClusterSecret?, ioTimeoutMilliseconds: Int32 = 2000, leasesPerRequest: Int = 2, logger: Logger)
     {
-        local = Server(backend: LocalSpillBackend(capacityBytes: spillBytes, leaseBytes: min(leaseBytes, max(spillBytes, 1 << 20))),
-                       isLocal: true, capacityBytes: spillBytes)
+        switch spill {
+        case .memory(let bytes):
+            local = Server(backend: LocalSpillBackend(capacityBytes: bytes, leaseBytes: min(leaseBytes, max(bytes, 1 << 20))),
+                           isLocal: true, capacityBytes: bytes)
+        case .file(let file):
+            local = Server(backend: file, isLocal: true, capacityBytes: file.capacityBytes)
+        }
         self.logger = logger
         self.agentID = agentID
         self.agentName = agentName
@@ -434,7 +463,11 @@ public final class PoolStore: PageStore, @unchecked Sendable {
 
     private func noteFailure(_ server: Server, _ error: TransportError) {
         server.errors.wrappingAdd(1, ordering: .relaxed)
-        if server.isLocal { return }  // the spill is in our own memory: it does not go down
+        if server.isLocal {
+            // The spill does not go down (it is our memory, or a file the backend reports on).
+            state.withLock { _ in server.lastError = error.message }
+            return
+        }
         var newlyRestarted = false
         let wasHealthy = state.withLock { _ -> Bool in
             server.lastError = error.message
@@ -464,7 +497,8 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                     address: server.address, status: server.status, capacityBytes: server.capacityBytes,
                     leaseBytes: server.backend.leaseBytes, leases: mine.count, storedPages: mine.reduce(0) { $0 + $1.used },
                     errors: server.errors.load(ordering: .relaxed), lastError: server.lastError,
-                    transport: server.isLocal ? "local" : "tcp", reclaimingLeases: mine.filter(\.reclaiming).count)
+                    transport: server.backend.transport, reclaimingLeases: mine.filter(\.reclaiming).count,
+                    spillFile: (server.backend as? SpillFileBackend)?.counters)
             }
         }
     }
@@ -720,10 +754,10 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         set(run, of: batch, StoreError(code, error.message))
     }
 
-    /// Streaming read (fetch-ahead): runs of one lease on a memory server go out together on
-    /// one connection, and each is handed to `ready` as soon as it is in, while the server
-    /// sends the next. The first run is small, so the page at the head of the batch (the one a
-    /// fault waits for) comes back after one short round trip.
+    /// Streaming read (fetch-ahead): runs of one lease go out together (on a memory server, on
+    /// one connection, each handed to `ready` as soon as it is in while the server sends the
+    /// next; in a spill file, as one io_uring submission). The first run is small, so the page
+    /// at the head of the batch (the one a fault waits for) comes back after one short round trip.
     public func read(_ batch: PageIOBatch, chunkPages: Int, ready: (Int) -> Void) {
         batch.errors = Array(repeating: nil, count: batch.count)
         let runs = plan(batch, maxPages: max(1, chunkPages), firstPages: min(max(1, chunkPages), 16))
@@ -747,7 +781,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 k += 1
                 continue
             }
-            guard let remote = server.backend as? RemoteBackend, contiguous(run, batch) else {
+            guard contiguous(run, batch) else {
                 read(run, of: batch, scratch: &scratch)
                 ready(run.first + run.count)
                 k += 1
@@ -771,10 +805,10 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 // moved since it was looked at (then read it run by run, below).
                 guard lease.server === server else { return .moved }
                 let wire = group.map {
-                    MemserverClient.ReadRun(offset: UInt64($0.slot * pageSize), pages: $0.count, into: batch.buffers[$0.first])
+                    LeaseReadRun(offset: UInt64($0.slot * pageSize), pages: $0.count, into: batch.buffers[$0.first])
                 }
                 do throws(TransportError) {
-                    try remote.readPipelined(lease: lease.remoteID, runs: wire) { j, error in
+                    try server.backend.readRuns(lease: lease.remoteID, runs: wire) { j, error in
                         if let error { fail(group[j], of: batch, error, server: server) }
                         reported = j + 1
                         ready(group[j].first + group[j].count)

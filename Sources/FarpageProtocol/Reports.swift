@@ -101,10 +101,13 @@ public struct PoolServer: Codable, Sendable {
     public var lastError: String
     /// Leases the server asked back (donor pressure) that are still being moved elsewhere.
     public var reclaimingLeases: Int?
+    /// I/O of the spill file (`[store] kind = "file"`); absent for other backends.
+    public var spillFile: SpillFileIO?
     public init(address: String, status: String, transport: String, capacityBytes: UInt64, leaseBytes: UInt64, leases: Int,
-                storedPages: Int, errors: UInt64, lastError: String, reclaimingLeases: Int? = nil)
+                storedPages: Int, errors: UInt64, lastError: String, reclaimingLeases: Int? = nil, spillFile: SpillFileIO? = nil)
     {
         self.reclaimingLeases = reclaimingLeases
+        self.spillFile = spillFile
         self.address = address
         self.status = status
         self.transport = transport
@@ -114,6 +117,36 @@ public struct PoolServer: Codable, Sendable {
         self.storedPages = storedPages
         self.errors = errors
         self.lastError = lastError
+    }
+}
+
+/// What the agent's spill file has done since it started.
+public struct SpillFileIO: Codable, Sendable, Equatable {
+    /// Whether its reads and writes bypass the page cache (O_DIRECT).
+    public var direct: Bool
+    /// Read and write operations: one per run of consecutive pages.
+    public var reads: UInt64
+    public var writes: UInt64
+    public var readBytes: UInt64
+    public var writtenBytes: UInt64
+    /// io_uring submissions (a fetch-ahead batch of runs is one).
+    public var submissions: UInt64
+    /// Pages that did not match their checksum when read (each is poisoned, never served).
+    public var checksumFailures: UInt64
+    /// Operations on buffers not aligned for O_DIRECT, copied through an aligned one.
+    public var bounced: UInt64
+
+    public init(direct: Bool, reads: UInt64, writes: UInt64, readBytes: UInt64, writtenBytes: UInt64, submissions: UInt64,
+                checksumFailures: UInt64, bounced: UInt64)
+    {
+        self.direct = direct
+        self.reads = reads
+        self.writes = writes
+        self.readBytes = readBytes
+        self.writtenBytes = writtenBytes
+        self.submissions = submissions
+        self.checksumFailures = checksumFailures
+        self.bounced = bounced
     }
 }
 

@@ -29,8 +29,13 @@ public final class AgentProcess: @unchecked Sendable {
     public let process: Process
     public let log: String
 
+    /// - Parameters:
+    ///   - extra: more TOML after the [log] section (whole sections).
+    ///   - store: more keys of the [store] section, e.g. `kind = "file"`.
+    ///   - launcher: a command line the agent runs under (it must exec its arguments), e.g.
+    ///     `unshare -m sh -c '...; exec "$0" "$@"'`.
     public init(config extra: String = "", storeCapacity: String = "2GiB", budget: String = "512MiB",
-                regionBudget: String = "8MiB") throws
+                regionBudget: String = "8MiB", store: String = "", launcher: [String] = []) throws
     {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("fp-test-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -46,14 +51,16 @@ public final class AgentProcess: @unchecked Sendable {
             shutdown_grace = "1s"
             [store]
             capacity = "\(storeCapacity)"
+            \(store)
             [log]
             level = "info"
             \(extra)
             """
         try config.write(toFile: directory + "/agent.toml", atomically: true, encoding: .utf8)
         process = Process()
-        process.executableURL = URL(fileURLWithPath: binary("farpaged"))
-        process.arguments = ["agent", "--config", directory + "/agent.toml"]
+        let command = launcher + [binary("farpaged"), "agent", "--config", directory + "/agent.toml"]
+        process.executableURL = URL(fileURLWithPath: command[0])
+        process.arguments = Array(command.dropFirst())
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         // Never inherit the test runner's stdout: a lingering agent would keep its pipe open.
         process.standardError = FileHandle(forWritingAtPath: log)

@@ -84,15 +84,21 @@ struct PoolList: ParsableCommand {
             return
         }
         let servers = try decode([PoolServer].self, data)
-        let widths = [24, 9, 9, 11, 11, 7, 11, 7]
+        let widths = [24, 9, 19, 11, 11, 7, 11, 7]
         func row(_ cells: [String]) {
             print(zip(cells, widths).enumerated().map { i, cw in column(cw.0, cw.1, right: i >= 3) }.joined(separator: " "))
         }
         row(["SERVER", "STATUS", "TRANSPORT", "CAPACITY", "LEASED", "LEASES", "STORED", "ERRORS"])
         for s in servers {
-            row([s.address, s.status, s.transport, bytes(s.capacityBytes), bytes(UInt64(s.leases) * s.leaseBytes),
+            // A spill file's name is its path: on a line of its own when it does not fit the column.
+            let long = s.address.count > widths[0]
+            if long { print(s.address) }
+            row([long ? "" : s.address, s.status, s.transport, bytes(s.capacityBytes), bytes(UInt64(s.leases) * s.leaseBytes),
                  "\(s.leases)", bytes(UInt64(s.storedPages) * 4096), "\(s.errors)"])
-            if !s.lastError.isEmpty && s.status != "healthy" { print("    last error: \(s.lastError)") }
+            if let io = s.spillFile {
+                print("    \(io.reads) reads (\(bytes(io.readBytes))), \(io.writes) writes (\(bytes(io.writtenBytes))) in \(io.submissions) io_uring submissions; \(io.checksumFailures) checksum failures")
+            }
+            if !s.lastError.isEmpty && (s.status != "healthy" || s.spillFile != nil) { print("    last error: \(s.lastError)") }
             if let r = s.reclaimingLeases, r > 0 { print("    the server asked \(r) lease(s) back; moving their pages elsewhere") }
         }
     }

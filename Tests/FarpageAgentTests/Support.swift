@@ -16,7 +16,9 @@ nonisolated(unsafe) var sharedAgentPID: Int32 = 0
 /// The agent this test process's own regions (through libfarpage's single connection) talk to.
 enum SharedAgent {
     static let instance: AgentProcess = {
-        let agent = try! AgentProcess()
+        // No minimum residence time: the correctness tests want every resident page to be an
+        // eviction candidate at once (the most churn, the most races). Classification stays on.
+        let agent = try! AgentProcess(config: "[tiering]\nmin_residence = \"0s\"")
         setenv("FARPAGE_SOCKET", agent.socket, 1)
         sharedAgentPID = agent.pid
         atexit {

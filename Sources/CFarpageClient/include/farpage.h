@@ -32,6 +32,8 @@ extern "C" {
 #define FARPAGE_ADVISE_WILLNEED 2   /* bring the range resident now (within the budget) */
 #define FARPAGE_ADVISE_DONTNEED 3   /* drop the contents: the range reads as zeros after */
 #define FARPAGE_ADVISE_RANDOM 4     /* no fetch-ahead for the range */
+#define FARPAGE_ADVISE_STREAM 6     /* the range is read next, in order (e.g. the next layer):
+                                       fetch it in the background now; returns at once */
 
 /* Options for farpage_alloc_ex(). Zero-initialise, then set what you need. */
 struct farpage_options {

@@ -18,12 +18,20 @@ struct Workload: ParsableCommand {
     @Option(help: "Resident budget, e.g. 16MiB (0 = agent default).") var budget = "0"
     @Option(help: "Worker threads.") var threads = 1
     @Option(help: "Passes over the region (seq) or operations per thread (random).") var passes = 2
-    @Option(help: "seq: write all then verify all, per pass; random: random page writes and reads with version stamps.")
+    @Option(help: "seq: write all then verify all, per pass; random: random page writes and reads with version stamps; zipf, alternate, sweep: tier-manager and prefetch probes (JSON).")
     var mode = "seq"
     @Option(help: "Random seed.") var seed: UInt64 = 1
     @Option(help: "Region name shown by farpagectl.") var name = "fp-workload"
     @Option(help: "Seconds to stay alive after the work, holding the region.") var hold = 0.0
     @Flag(help: "Print a JSON summary line instead of text.") var json = false
+    @Option(help: "zipf/sweep: reads measured.") var accesses = 100_000
+    @Option(help: "zipf: fraction of pages that are hot.") var hotFraction = 0.1
+    @Option(help: "zipf: share of the reads that go to hot pages.") var hotShare = 0.9
+    @Option(help: "alternate: pages read every round (0: 90% of the budget, less one).") var workingSet = 0
+    @Option(help: "alternate: how long to run.") var seconds = 3.0
+    @Option(help: "layers: how many layers the region is cut into.") var layers = 8
+    @Option(help: "layers: milliseconds of compute after each layer.") var computeMs = 30
+    @Flag(help: "layers: announce each next layer with FARPAGE_ADVISE_STREAM.") var stream = false
 
     func run() throws {
         if let socket { setenv("FARPAGE_SOCKET", socket, 1) }
@@ -42,6 +50,21 @@ struct Workload: ParsableCommand {
             throw ValidationError(String(cString: farpage_last_error()))
         }
         let pages = Int(bytes) / page
+        if ["zipf", "alternate", "sweep", "layers"].contains(mode) {
+            let result: [String: Double]
+            switch mode {
+            case "zipf": result = zipf(base, pages: pages, page: page)
+            case "alternate": result = alternate(base, pages: pages, page: page)
+            case "layers": result = layerSweep(base, pages: pages, page: page)
+            default: result = sweep(base, pages: pages, page: page)
+            }
+            let body = result.keys.sorted().map { "\"\($0)\":\(result[$0]!)" }.joined(separator: ",")
+            print("{\"mode\":\"\(mode)\",\(body)}")
+            if hold > 0 { Thread.sleep(forTimeInterval: hold) }
+            if farpage_free(base) != 0 { throw ValidationError(String(cString: farpage_last_error())) }
+            if result["failures", default: 0] > 0 { throw ExitCode(2) }
+            return
+        }
         let start = Date()
         let failures: Int
         let checksum: UInt64

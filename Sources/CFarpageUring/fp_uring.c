@@ -1,0 +1,243 @@
+/* fp_uring.c — batched io_uring reads and writes (liburing), and the spill file's kernel calls. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "fp_uring.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <liburing.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+
+#define FP_RET(expr)                                                                               \
+    do {                                                                                           \
+        int fp_r_;                                                                                 \
+        do {                                                                                       \
+            fp_r_ = (expr);                                                                        \
+        } while (fp_r_ < 0 && errno == EINTR);                                                     \
+        return fp_r_ < 0 ? -errno : fp_r_;                                                         \
+    } while (0)
+
+/* ---- io_uring ------------------------------------------------------------ */
+
+struct fp_ring {
+    struct io_uring ring;
+    unsigned entries;
+};
+
+fp_ring *fp_ring_create(unsigned entries, int *err) {
+    fp_ring *r = calloc(1, sizeof *r);
+    if (!r) {
+        *err = -ENOMEM;
+        return NULL;
+    }
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    /* COOP_TASKRUN: completions are processed when we next enter the kernel (we always wait
+     * there) instead of interrupting us. SUBMIT_ALL: one bad SQE does not hold back the rest. */
+    p.flags = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL;
+    int rc = io_uring_queue_init_params(entries, &r->ring, &p);
+    if (rc == -EINVAL) { /* kernels before 5.19 */
+        memset(&p, 0, sizeof p);
+        rc = io_uring_queue_init_params(entries, &r->ring, &p);
+    }
+    if (rc < 0) {
+        free(r);
+        *err = rc;
+        return NULL;
+    }
+    r->entries = p.sq_entries;
+    *err = 0;
+    return r;
+}
+
+void fp_ring_destroy(fp_ring *ring) {
+    if (!ring) return;
+    io_uring_queue_exit(&ring->ring);
+    free(ring);
+}
+
+/* One fp_ring_rw call. While an op runs, its `result` counts the bytes done so far. */
+typedef struct {
+    fp_ring *r;
+    fp_ring_op *ops;
+    fp_ring_done done;
+    void *context;
+    uint64_t *finished; /* bitmap over ops */
+    int remaining;      /* ops not finished */
+    unsigned pending;   /* queued in the SQ, not submitted yet */
+    unsigned inflight;  /* submitted, completion not reaped yet */
+} fp_batch;
+
+static int fp_is_finished(const fp_batch *b, int i) { return (b->finished[i / 64] >> (i % 64)) & 1; }
+
+static void fp_finish(fp_batch *b, int i, int64_t result) {
+    b->ops[i].result = result;
+    b->finished[i / 64] |= 1ULL << (i % 64);
+    b->remaining--;
+    if (b->done) b->done(b->context, i, result);
+}
+
+/* Queues the part of op `i` not done yet. */
+static void fp_queue(fp_batch *b, int i) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&b->r->ring);
+    if (!sqe) { /* cannot happen while pending + inflight <= entries; never loop on it */
+        fp_finish(b, i, -EBUSY);
+        return;
+    }
+    fp_ring_op *op = &b->ops[i];
+    uint64_t done = (uint64_t)op->result;
+    char *buffer = (char *)op->buffer + done;
+    unsigned length = op->length - (unsigned)done;
+    if (op->write)
+        io_uring_prep_write(sqe, op->fd, buffer, length, op->offset + done);
+    else
+        io_uring_prep_read(sqe, op->fd, buffer, length, op->offset + done);
+    io_uring_sqe_set_data64(sqe, (uint64_t)i);
+    b->pending++;
+}
+
+/* Records one completion; resubmits the rest of a short transfer when `resubmit` is set. */
+static void fp_complete(fp_batch *b, const struct io_uring_cqe *cqe, int resubmit) {
+    int i = (int)cqe->user_data;
+    int res = cqe->res;
+    fp_ring_op *op = &b->ops[i];
+    b->inflight--;
+    if ((res == -EINTR || res == -EAGAIN) && resubmit) {
+        fp_queue(b, i);
+    } else if (res < 0) {
+        fp_finish(b, i, res);
+    } else if (res == 0) {
+        /* A read at the end of the file: what was read so far. A write that makes no progress
+         * would loop forever: an I/O error. */
+        fp_finish(b, i, op->write ? -EIO : op->result);
+    } else {
+        op->result += res;
+        if ((uint64_t)op->result >= op->length)
+            fp_finish(b, i, op->result);
+        else if (resubmit)
+            fp_queue(b, i);
+        else
+            fp_finish(b, i, -EIO);
+    }
+}
+
+/* Reaps every completion already posted, without waiting. */
+static void fp_reap(fp_batch *b) {
+    struct io_uring_cqe *cqe;
+    while (io_uring_peek_cqe(&b->r->ring, &cqe) == 0) {
+        struct io_uring_cqe copy = *cqe;
+        io_uring_cqe_seen(&b->r->ring, cqe);
+        fp_complete(b, &copy, 1);
+    }
+}
+
+/* The ring failed with `error`: waits out what the kernel still has (the buffers are the
+ * caller's), then fails every op that did not finish. */
+static int fp_abandon(fp_batch *b, int n, int error) {
+    while (b->inflight > 0) {
+        struct io_uring_cqe *cqe;
+        int w = io_uring_wait_cqe(&b->r->ring, &cqe);
+        if (w == -EINTR) continue;
+        if (w < 0) break;
+        struct io_uring_cqe copy = *cqe;
+        io_uring_cqe_seen(&b->r->ring, cqe);
+        fp_complete(b, &copy, 0);
+    }
+    for (int i = 0; i < n; i++)
+        if (!fp_is_finished(b, i)) fp_finish(b, i, error);
+    return error;
+}
+
+int fp_ring_rw(fp_ring *ring, fp_ring_op *ops, int n, fp_ring_done done, void *context) {
+    if (n <= 0) return 0;
+    uint64_t finished[(n + 63) / 64];
+    memset(finished, 0, sizeof finished);
+    fp_batch b = {.r = ring, .ops = ops, .done = done, .context = context, .finished = finished, .remaining = n};
+    for (int i = 0; i < n; i++) ops[i].result = 0;
+    int next = 0;
+    int stalls = 0;
+    while (b.remaining > 0) {
+        /* Never more outstanding than the ring holds: the completion queue cannot overflow. */
+        while (next < n && b.pending + b.inflight < ring->entries) fp_queue(&b, next++);
+        /* A streaming caller gets op 0 as soon as it is in; then everything at once. */
+        unsigned outstanding = b.pending + b.inflight;
+        unsigned wait = (done && !fp_is_finished(&b, 0) && outstanding > 0) ? 1 : outstanding;
+        int rc = io_uring_submit_and_wait(&ring->ring, wait);
+        if (rc >= 0) {
+            unsigned submitted = (unsigned)rc < b.pending ? (unsigned)rc : b.pending;
+            b.pending -= submitted;
+            b.inflight += submitted;
+            stalls = 0;
+        } else if (rc == -EINTR) {
+            /* Nothing was submitted; the queued entries go with the next call. */
+        } else if ((rc == -EAGAIN || rc == -EBUSY) && stalls++ < 1000) {
+            /* Out of kernel resources, or completions to reap first: wait for one, retry. */
+            struct io_uring_cqe *cqe;
+            if (b.inflight == 0 || io_uring_wait_cqe(&ring->ring, &cqe) < 0) sched_yield();
+        } else {
+            return fp_abandon(&b, n, rc);
+        }
+        fp_reap(&b);
+    }
+    return 0;
+}
+
+int fp_ring_probe(void) {
+    struct io_uring ring;
+    int rc = io_uring_queue_init(2, &ring, 0);
+    if (rc < 0) return rc;
+    struct io_uring_probe *probe = io_uring_get_probe_ring(&ring);
+    rc = 0;
+    if (!probe || !io_uring_opcode_supported(probe, IORING_OP_READ) || !io_uring_opcode_supported(probe, IORING_OP_WRITE))
+        rc = -EOPNOTSUPP;
+    if (probe) io_uring_free_probe(probe);
+    io_uring_queue_exit(&ring);
+    return rc;
+}
+
+/* ---- The spill file ---------------------------------------------------------- */
+
+int fp_spill_open(const char *path) { FP_RET(open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600)); }
+
+int fp_spill_set_direct(int fd, int direct) {
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0) return -errno;
+    flags = direct ? (flags | O_DIRECT) : (flags & ~O_DIRECT);
+    FP_RET(fcntl(fd, F_SETFL, flags));
+}
+
+int fp_spill_lock(int fd) { FP_RET(flock(fd, LOCK_EX | LOCK_NB)); }
+
+int fp_spill_preallocate(int fd, uint64_t length) { FP_RET(fallocate(fd, 0, 0, (off_t)length)); }
+
+int fp_spill_truncate(int fd, uint64_t length) { FP_RET(ftruncate(fd, (off_t)length)); }
+
+int fp_spill_stat(int fd, uint64_t *size, uint64_t *allocated, int *regular) {
+    struct stat st;
+    if (fstat(fd, &st) < 0) return -errno;
+    *size = (uint64_t)st.st_size;
+    *allocated = (uint64_t)st.st_blocks * 512;
+    *regular = S_ISREG(st.st_mode) ? 1 : 0;
+    return 0;
+}
+
+int fp_spill_space(int fd, uint64_t *available, uint64_t *total, uint64_t *fs_type) {
+    struct statfs st;
+    int rc;
+    do {
+        rc = fstatfs(fd, &st);
+    } while (rc < 0 && errno == EINTR);
+    if (rc < 0) return -errno;
+    uint64_t unit = st.f_frsize ? (uint64_t)st.f_frsize : (uint64_t)st.f_bsize;
+    *available = (uint64_t)st.f_bavail * unit;
+    *total = (uint64_t)st.f_blocks * unit;
+    *fs_type = (uint64_t)st.f_type;
+    return 0;
+}
