@@ -58,7 +58,7 @@ let package = Package(
         .target(
             name: "FarpagePool",
             dependencies: [
-                "FarpageTiers", "FarpageTransport", "FarpageKernel", "CFarpageChecksum", "CFarpageUring",
+                "FarpageTiers", "FarpageTransport", "FarpageProtocol", "FarpageKernel", "CFarpageChecksum", "CFarpageUring",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),

@@ -14,12 +14,14 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/vfs.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -227,6 +229,41 @@ int fp_file_identity(int fd, uint64_t *dev, uint64_t *ino) {
 
 int fp_punch_hole(int fd, uint64_t offset, uint64_t len) {
     FP_RET(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)len));
+}
+
+int fp_file_open_rw(const char *path) { FP_RET(open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600)); }
+
+int fp_set_direct_io(int fd, int on) {
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0) return -errno;
+    FP_RET(fcntl(fd, F_SETFL, on ? (flags | O_DIRECT) : (flags & ~O_DIRECT)));
+}
+
+int fp_flock_exclusive(int fd) { FP_RET(flock(fd, LOCK_EX | LOCK_NB)); }
+
+int fp_preallocate(int fd, uint64_t len) { FP_RET(fallocate(fd, 0, 0, (off_t)len)); }
+
+int fp_file_status(int fd, uint64_t *size, uint64_t *allocated, int *regular) {
+    struct stat st;
+    if (fstat(fd, &st) < 0) return -errno;
+    *size = (uint64_t)st.st_size;
+    *allocated = (uint64_t)st.st_blocks * 512;
+    *regular = S_ISREG(st.st_mode) ? 1 : 0;
+    return 0;
+}
+
+int fp_fs_space(int fd, uint64_t *available, uint64_t *total, uint64_t *fs_type) {
+    struct statfs st;
+    int rc;
+    do {
+        rc = fstatfs(fd, &st);
+    } while (rc < 0 && errno == EINTR);
+    if (rc < 0) return -errno;
+    uint64_t unit = st.f_frsize ? (uint64_t)st.f_frsize : (uint64_t)st.f_bsize;
+    *available = (uint64_t)st.f_bavail * unit;
+    *total = (uint64_t)st.f_blocks * unit;
+    *fs_type = (uint64_t)st.f_type;
+    return 0;
 }
 
 int64_t fp_pread_full(int fd, void *buf, uint64_t len, uint64_t offset) {

@@ -1,34 +1,22 @@
-/* fp_uring.c — batched io_uring reads and writes (liburing), and the spill file's kernel calls. */
+/* fp_uring.c — batched io_uring reads and writes (liburing). The spill file's other kernel calls
+ * are in fp_kernel.c. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
 #include "fp_uring.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <liburing.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
-#include <sys/stat.h>
-#include <sys/vfs.h>
-#include <unistd.h>
-
-#define FP_RET(expr)                                                                               \
-    do {                                                                                           \
-        int fp_r_;                                                                                 \
-        do {                                                                                       \
-            fp_r_ = (expr);                                                                        \
-        } while (fp_r_ < 0 && errno == EINTR);                                                     \
-        return fp_r_ < 0 ? -errno : fp_r_;                                                         \
-    } while (0)
 
 /* ---- io_uring ------------------------------------------------------------ */
 
 struct fp_ring {
     struct io_uring ring;
     unsigned entries;
+    uint64_t submits; /* io_uring_enter calls that submitted at least one entry */
 };
 
 fp_ring *fp_ring_create(unsigned entries, int *err) {
@@ -174,6 +162,7 @@ int fp_ring_rw(fp_ring *ring, fp_ring_op *ops, int n, fp_ring_done done, void *c
             unsigned submitted = (unsigned)rc < b.pending ? (unsigned)rc : b.pending;
             b.pending -= submitted;
             b.inflight += submitted;
+            if (submitted > 0) ring->submits++;
             stalls = 0;
         } else if (rc == -EINTR) {
             /* Nothing was submitted; the queued entries go with the next call. */
@@ -189,6 +178,8 @@ int fp_ring_rw(fp_ring *ring, fp_ring_op *ops, int n, fp_ring_done done, void *c
     return 0;
 }
 
+uint64_t fp_ring_submits(const fp_ring *ring) { return ring->submits; }
+
 int fp_ring_probe(void) {
     struct io_uring ring;
     int rc = io_uring_queue_init(2, &ring, 0);
@@ -200,44 +191,4 @@ int fp_ring_probe(void) {
     if (probe) io_uring_free_probe(probe);
     io_uring_queue_exit(&ring);
     return rc;
-}
-
-/* ---- The spill file ---------------------------------------------------------- */
-
-int fp_spill_open(const char *path) { FP_RET(open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600)); }
-
-int fp_spill_set_direct(int fd, int direct) {
-    int flags = fcntl(fd, F_GETFL);
-    if (flags < 0) return -errno;
-    flags = direct ? (flags | O_DIRECT) : (flags & ~O_DIRECT);
-    FP_RET(fcntl(fd, F_SETFL, flags));
-}
-
-int fp_spill_lock(int fd) { FP_RET(flock(fd, LOCK_EX | LOCK_NB)); }
-
-int fp_spill_preallocate(int fd, uint64_t length) { FP_RET(fallocate(fd, 0, 0, (off_t)length)); }
-
-int fp_spill_truncate(int fd, uint64_t length) { FP_RET(ftruncate(fd, (off_t)length)); }
-
-int fp_spill_stat(int fd, uint64_t *size, uint64_t *allocated, int *regular) {
-    struct stat st;
-    if (fstat(fd, &st) < 0) return -errno;
-    *size = (uint64_t)st.st_size;
-    *allocated = (uint64_t)st.st_blocks * 512;
-    *regular = S_ISREG(st.st_mode) ? 1 : 0;
-    return 0;
-}
-
-int fp_spill_space(int fd, uint64_t *available, uint64_t *total, uint64_t *fs_type) {
-    struct statfs st;
-    int rc;
-    do {
-        rc = fstatfs(fd, &st);
-    } while (rc < 0 && errno == EINTR);
-    if (rc < 0) return -errno;
-    uint64_t unit = st.f_frsize ? (uint64_t)st.f_frsize : (uint64_t)st.f_bsize;
-    *available = (uint64_t)st.f_bavail * unit;
-    *total = (uint64_t)st.f_blocks * unit;
-    *fs_type = (uint64_t)st.f_type;
-    return 0;
 }

@@ -322,13 +322,8 @@ public final class Agent: @unchecked Sendable {
         store.report().map {
             PoolServer(address: $0.address, status: $0.status.rawValue, transport: $0.transport, capacityBytes: $0.capacityBytes,
                        leaseBytes: $0.leaseBytes, leases: $0.leases, storedPages: $0.storedPages, errors: $0.errors,
-                       lastError: $0.lastError, reclaimingLeases: $0.reclaimingLeases, spillFile: $0.spillFile.map(Self.spillIO))
+                       lastError: $0.lastError, reclaimingLeases: $0.reclaimingLeases, spillFile: $0.spillFile)
         }
-    }
-
-    static func spillIO(_ c: SpillFileCounters) -> SpillFileIO {
-        SpillFileIO(direct: c.direct, reads: c.reads, writes: c.writes, readBytes: c.readBytes, writtenBytes: c.writtenBytes,
-                    submissions: c.submissions, checksumFailures: c.checksumFailures, bounced: c.bounced)
     }
 
     func regionReports() -> [RegionReport] {

@@ -94,3 +94,73 @@ public enum AnonymousMemory {
     }
     public static func unmap(_ address: UnsafeMutableRawPointer, bytes: UInt64) { _ = fp_unmap(address, bytes) }
 }
+
+/// A data file on local storage, opened for reading and writing (the spill file).
+public enum DataFile {
+    /// What `fstat` says about it.
+    public struct Status: Sendable {
+        public var size: UInt64
+        public var allocated: UInt64
+        public var isRegular: Bool
+    }
+
+    /// What `fstatfs` says about its filesystem.
+    public struct Space: Sendable {
+        public var available: UInt64
+        /// Zero when the filesystem reports no size (ramfs).
+        public var total: UInt64
+        /// The filesystem's magic number (`f_type`).
+        public var type: UInt64
+    }
+
+    /// `open(O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600)`.
+    public static func open(_ path: String) throws(KernelError) -> OwnedDescriptor {
+        OwnedDescriptor(adopting: try check(fp_file_open_rw(path), "open"))
+    }
+
+    /// `fcntl(F_SETFL)` with or without O_DIRECT; EINVAL where the filesystem refuses it.
+    public static func setDirect(_ file: OwnedDescriptor, _ direct: Bool) throws(KernelError) {
+        _ = try check(fp_set_direct_io(file.rawValue, direct ? 1 : 0), direct ? "fcntl(F_SETFL, O_DIRECT)" : "fcntl(F_SETFL)")
+    }
+
+    /// `flock(LOCK_EX | LOCK_NB)`: EWOULDBLOCK when another process holds it.
+    public static func lock(_ file: OwnedDescriptor) throws(KernelError) {
+        _ = try check(fp_flock_exclusive(file.rawValue), "flock")
+    }
+
+    /// `fallocate(mode 0)` over the first `length` bytes; EOPNOTSUPP where the filesystem cannot.
+    public static func preallocate(_ file: OwnedDescriptor, length: UInt64) throws(KernelError) {
+        _ = try check(fp_preallocate(file.rawValue, length), "fallocate")
+    }
+
+    /// `ftruncate`.
+    public static func truncate(_ file: OwnedDescriptor, length: UInt64) throws(KernelError) {
+        _ = try check(fp_ftruncate(file.rawValue, length), "ftruncate")
+    }
+
+    /// `fstat`.
+    public static func status(_ file: OwnedDescriptor) throws(KernelError) -> Status {
+        var status = Status(size: 0, allocated: 0, isRegular: false)
+        var regular: Int32 = 0
+        _ = try check(fp_file_status(file.rawValue, &status.size, &status.allocated, &regular), "fstat")
+        status.isRegular = regular != 0
+        return status
+    }
+
+    /// `fstatfs`.
+    public static func space(_ file: OwnedDescriptor) throws(KernelError) -> Space {
+        var space = Space(available: 0, total: 0, type: 0)
+        _ = try check(fp_fs_space(file.rawValue, &space.available, &space.total, &space.type), "fstatfs")
+        return space
+    }
+
+    /// A filesystem's name from its `f_type`, for messages.
+    public static func filesystemName(_ type: UInt64) -> String {
+        let names: [UInt64: String] = [
+            0xEF53: "ext4", 0x5846_5342: "xfs", 0x9123_683E: "btrfs", 0x0102_1994: "tmpfs",
+            0x8584_58F6: "ramfs", 0x794C_7630: "overlayfs", 0x6969: "nfs", 0x6573_5546: "fuse",
+            0xFF53_4D42: "cifs", 0x2FC1_2FC1: "zfs", 0xF2F5_2010: "f2fs",
+        ]
+        return names[type] ?? "filesystem 0x\(String(type, radix: 16))"
+    }
+}

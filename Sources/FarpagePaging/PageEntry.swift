@@ -21,7 +21,7 @@ public enum PageState: UInt8, Sendable, CaseIterable {
 /// One page-table entry, packed in 8 bytes.
 ///
 /// Layout: bits 0–2 state, 3 dirty, 4 cancel, 5 referenced, 6 queued, 7 has-location,
-/// 8 unprotect-pending, 9 active, 10 speculative, 11 doomed, 12 wasted, 16–63 far-tier location. `dirty` means the local copy differs from (or has no) far copy;
+/// 8 unprotect-pending, 9 active, 10 speculative, 11 doomed, 12 wasted, 13 orphaned, 16–63 far-tier location. `dirty` means the local copy differs from (or has no) far copy;
 /// a clean resident page is mapped write-protected, so its first write is seen.
 public struct PageEntry: Equatable, Sendable, CustomStringConvertible {
     public var raw: UInt64
@@ -38,6 +38,7 @@ public struct PageEntry: Equatable, Sendable, CustomStringConvertible {
     private static let speculativeBit: UInt64 = 1 << 10
     private static let doomedBit: UInt64 = 1 << 11
     private static let wastedBit: UInt64 = 1 << 12
+    private static let orphanedBit: UInt64 = 1 << 13
     private static let flagsMask: UInt64 = 0xFFFF
 
     public var state: PageState {
@@ -83,6 +84,13 @@ public struct PageEntry: Equatable, Sendable, CustomStringConvertible {
     public var wasted: Bool {
         get { bit(Self.wastedBit) }
         set { set(Self.wastedBit, newValue) }
+    }
+    /// Its inactive/active queue entry was abandoned when it was evicted from the
+    /// reclaim-first queue: the next time that entry comes up it is skipped (a page refetched
+    /// meanwhile has a fresh entry at the tail, and must not inherit the old one's place).
+    public var orphaned: Bool {
+        get { bit(Self.orphanedBit) }
+        set { set(Self.orphanedBit, newValue) }
     }
     /// Also has an entry in the reclaim-first queue (a prefetch judged wasted).
     public var doomed: Bool {

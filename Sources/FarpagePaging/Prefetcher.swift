@@ -16,7 +16,10 @@ struct StrideDetector: Sendable {
             let d = page - first
             return d % stride == 0 && (0..<count).contains(d / stride)
         }
-        var pages: [Int] { (0..<count).map { first + $0 * stride } }
+        var pages: LazyMapCollection<Range<Int>, Int> {
+            let (first, stride) = (self.first, self.stride)
+            return (0..<count).lazy.map { first + $0 * stride }
+        }
     }
     /// What the new fault says about the previous prefetch.
     enum Verdict: Equatable, Sendable {
@@ -86,14 +89,13 @@ struct StrideDetector: Sendable {
     private func trend() -> Int? {
         let n = min(seen, Self.historySize)
         guard n >= 3 else { return nil }
-        var deltas: [Int] = []
-        deltas.reserveCapacity(n - 1)
-        for k in (seen - n + 1)..<seen {
-            deltas.append(history[k % Self.historySize] - history[(k - 1) % Self.historySize])
-        }
+        // Runs on every missing fault: no arrays, two passes over at most 7 deltas.
+        func delta(_ k: Int) -> Int { history[k % Self.historySize] - history[(k - 1) % Self.historySize] }
+        let deltas = (seen - n + 1)..<seen
         var candidate = 0
         var votes = 0
-        for d in deltas {
+        for k in deltas {
+            let d = delta(k)
             if votes == 0 {
                 candidate = d
                 votes = 1
@@ -101,7 +103,8 @@ struct StrideDetector: Sendable {
                 votes += d == candidate ? 1 : -1
             }
         }
-        let support = deltas.filter { $0 == candidate }.count
+        var support = 0
+        for k in deltas where delta(k) == candidate { support += 1 }
         guard support * 2 > deltas.count, support >= 2, candidate != 0, abs(candidate) <= Self.maxStride else { return nil }
         return candidate
     }

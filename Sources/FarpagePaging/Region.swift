@@ -201,7 +201,7 @@ public final class Region: @unchecked Sendable {
 
     /// The most times one page moved within the last complete migration window.
     public var lastWindowPeakMigrations: Int {
-        let window = UInt16(truncatingIfNeeded: Int(nowStamp()) / max(1, policy.migrationWindowMilliseconds))
+        let window = migrationWindow(at: nowStamp())
         return core.withLock { c in
             if window == c.migrationWindow &+ 1 { return c.windowPeak }
             if window == c.migrationWindow { return c.previousWindowPeak }
@@ -601,8 +601,13 @@ extension Region {
         }
     }
 
+    /// The number (wrapping) of the migration window that `now` falls in.
+    func migrationWindow(at now: UInt32) -> UInt16 {
+        UInt16(truncatingIfNeeded: Int(now) / max(1, policy.migrationWindowMilliseconds))
+    }
+
     func countMigration(_ c: inout Core, _ h: inout PageHistory, _ now: UInt32) {
-        let window = UInt16(truncatingIfNeeded: Int(now) / max(1, policy.migrationWindowMilliseconds))
+        let window = migrationWindow(at: now)
         let n = h.countMigration(window: window)
         if n > c.peakMigrations { c.peakMigrations = n }
         if window != c.migrationWindow {
@@ -809,7 +814,8 @@ extension Region {
         victims.reserveCapacity(limit)
         let now = nowStamp()
         let minResidence = UInt32(max(0, policy.minResidenceMilliseconds))
-        func take(_ page: Int, _ e: inout PageEntry, keepQueued: Bool) -> Bool {
+        /// `orphan`: taken from the reclaim-first queue, so its inactive entry stays behind.
+        func take(_ page: Int, _ e: inout PageEntry, orphan: Bool = false) -> Bool {
             guard var kind = PageTransitions.beginEviction(&e) else { return false }
             // A clean page whose far copy cannot be read now (its server failed) is written
             // again instead of only punched: the local copy may be the only good one left.
@@ -818,28 +824,28 @@ extension Region {
                 c.accuracy.record(wasted: 1)
                 counters.prefetchWasted.bump()
             }
-            if !keepQueued {
-                e.queued = false
-                e.active = false
-            }
+            e.queued = false
+            e.active = false
+            e.orphaned = orphan
             c.table[page] = e
             victims.append((page, kind))
             return true
         }
-        // 1. Prefetched pages nobody used (their inactive/active entry stays: keepQueued). Not
-        //    before their minimum residence either: prefetch must not make pages ping-pong.
+        // 1. Prefetched pages nobody used (their inactive entry is left behind, orphaned; a page
+        //    with an orphan entry already waits for the ordinary scan). Not before their
+        //    minimum residence either: prefetch must not make pages ping-pong.
         var doomedYoung: [Int] = []
         while victims.count < limit, let page = c.reclaimFirst.pop() {
             var e = c.table[page]
             e.doomed = false
             c.table[page] = e
-            guard e.state == .resident, e.speculative else { continue }
+            guard e.state == .resident, e.speculative, !e.orphaned else { continue }
             if !overrideResidence, minResidence > 0, now &- c.table.history(page).stamp < minResidence {
                 doomedYoung.append(page)
                 if doomedYoung.count > limit + 64 { break }
                 continue
             }
-            _ = take(page, &e, keepQueued: true)
+            _ = take(page, &e, orphan: true)
         }
         for page in doomedYoung.reversed() {
             c.table[page].doomed = true
@@ -851,6 +857,7 @@ extension Region {
         while c.active.count > activeTarget, rotations > 0, let page = c.active.pop() {
             rotations -= 1
             var e = c.table[page]
+            if skipOrphan(&c, &e, page) { continue }
             guard e.state == .resident || e.state == .evicting || e.state == .fetching else {
                 e.queued = false
                 e.active = false
@@ -877,6 +884,7 @@ extension Region {
             {
                 scanned += 1
                 var e = c.table[page]
+                if skipOrphan(&c, &e, page) { continue }
                 guard e.state == .resident else {
                     e.queued = false
                     e.active = false
@@ -901,7 +909,7 @@ extension Region {
                     if youngInQueue > limit + 64 { break }
                     continue
                 }
-                if !take(page, &e, keepQueued: false) {
+                if !take(page, &e) {
                     if activeQueue { c.active.push(page) } else { c.inactive.push(page) }  // an un-protect is in flight
                 }
             }
@@ -910,7 +918,7 @@ extension Region {
         var back: [(page: Int, activeQueue: Bool)] = []
         for (page, activeQueue) in young {
             var e = c.table[page]
-            if overrideResidence, victims.count < limit, e.state == .resident, take(page, &e, keepQueued: false) {
+            if overrideResidence, victims.count < limit, e.state == .resident, take(page, &e) {
                 counters.residenceOverrides.bump()
                 continue
             }
@@ -921,6 +929,15 @@ extension Region {
             if activeQueue { c.active.pushFront(page) } else { c.inactive.pushFront(page) }
         }
         return victims
+    }
+
+    /// Whether a popped queue entry is the one abandoned by a reclaim-first eviction (it is
+    /// the page's older entry, so it always comes up first). Clears the mark.
+    private func skipOrphan(_ c: inout Core, _ e: inout PageEntry, _ page: Int) -> Bool {
+        guard e.orphaned else { return false }
+        e.orphaned = false
+        c.table[page] = e
+        return true
     }
 
     private func abortEviction(_ c: inout Core, _ page: Int) {

@@ -8,12 +8,9 @@ import Synchronization
 import Glibc
 #endif
 
-/// One run of consecutive pages of a lease, read into consecutive pages at `into`.
-struct LeaseReadRun {
-    var offset: UInt64
-    var pages: Int
-    var into: UnsafeMutableRawPointer
-}
+/// One run of consecutive pages of a lease, read into consecutive pages at `into` (the memory
+/// server client's run, so that a batch goes to it as it is).
+typealias LeaseReadRun = MemserverClient.ReadRun
 
 /// Where a lease lives: a memory server over TCP, or the agent's own local spill (memory or a file).
 protocol LeaseBackend: AnyObject, Sendable {
@@ -171,12 +168,6 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
     /// soon as run `j` is in place and verified. Throws when the connection broke; runs not
     /// reported by then did not complete.
     func readRuns(lease id: UInt64, runs: [LeaseReadRun], each: (Int, TransportError?) -> Void) throws(TransportError) {
-        try readPipelined(lease: id, runs: runs.map { .init(offset: $0.offset, pages: $0.pages, into: $0.into) }, each: each)
-    }
-
-    func readPipelined(lease id: UInt64, runs: [MemserverClient.ReadRun], each: (Int, TransportError?) -> Void)
-        throws(TransportError)
-    {
         try withConnection { c throws(TransportError) in
             try c.readPipelined(leaseID: id, runs: runs) { j, sums, error in
                 if let error { return each(j, error) }

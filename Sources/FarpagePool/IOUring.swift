@@ -34,6 +34,9 @@ final class IOUring: @unchecked Sendable {
 
     deinit { fp_ring_destroy(ring) }
 
+    /// How many times `run` entered the kernel to submit (one per batch that fits the ring).
+    var submissions: UInt64 { fp_ring_submits(ring) }
+
     /// Runs every operation and waits for all of them, with one `io_uring_submit_and_wait` when
     /// they fit the ring; short transfers are completed. Returns, per operation, the bytes done
     /// (a read stops short only at the end of the file) or the error.
@@ -98,80 +101,5 @@ final class IOUring: @unchecked Sendable {
             return "io_uring is unavailable (\(cause)); check the kernel's io_uring support and memory limits, "
                 + "or use [store] kind = \"memory\""
         }
-    }
-}
-
-/// The spill file's kernel calls (layer 2 over `fp_spill_*`).
-enum SpillFileCalls {
-    struct Status {
-        var size: UInt64
-        var allocated: UInt64
-        var isRegular: Bool
-    }
-
-    struct Space {
-        var available: UInt64
-        /// Zero when the filesystem reports no size (ramfs).
-        var total: UInt64
-        var type: UInt64
-    }
-
-    /// `open(O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600)`.
-    static func open(_ path: String) throws(KernelError) -> OwnedDescriptor {
-        let fd = fp_spill_open(path)
-        if fd < 0 { throw KernelError("open", errno: -fd) }
-        return OwnedDescriptor(adopting: fd)
-    }
-
-    /// `fcntl(F_SETFL)` with or without O_DIRECT; EINVAL where the filesystem refuses it.
-    static func setDirect(_ file: OwnedDescriptor, _ direct: Bool) throws(KernelError) {
-        let rc = fp_spill_set_direct(file.rawValue, direct ? 1 : 0)
-        if rc < 0 { throw KernelError(direct ? "fcntl(F_SETFL, O_DIRECT)" : "fcntl(F_SETFL)", errno: -rc) }
-    }
-
-    /// `flock(LOCK_EX | LOCK_NB)`.
-    static func lock(_ file: OwnedDescriptor) throws(KernelError) {
-        let rc = fp_spill_lock(file.rawValue)
-        if rc < 0 { throw KernelError("flock", errno: -rc) }
-    }
-
-    /// `fallocate(mode 0)` over the first `length` bytes.
-    static func preallocate(_ file: OwnedDescriptor, length: UInt64) throws(KernelError) {
-        let rc = fp_spill_preallocate(file.rawValue, length)
-        if rc < 0 { throw KernelError("fallocate", errno: -rc) }
-    }
-
-    /// `ftruncate`.
-    static func truncate(_ file: OwnedDescriptor, length: UInt64) throws(KernelError) {
-        let rc = fp_spill_truncate(file.rawValue, length)
-        if rc < 0 { throw KernelError("ftruncate", errno: -rc) }
-    }
-
-    /// `fstat`.
-    static func status(_ file: OwnedDescriptor) throws(KernelError) -> Status {
-        var status = Status(size: 0, allocated: 0, isRegular: false)
-        var regular: Int32 = 0
-        let rc = fp_spill_stat(file.rawValue, &status.size, &status.allocated, &regular)
-        if rc < 0 { throw KernelError("fstat", errno: -rc) }
-        status.isRegular = regular != 0
-        return status
-    }
-
-    /// `fstatfs`.
-    static func space(_ file: OwnedDescriptor) throws(KernelError) -> Space {
-        var space = Space(available: 0, total: 0, type: 0)
-        let rc = fp_spill_space(file.rawValue, &space.available, &space.total, &space.type)
-        if rc < 0 { throw KernelError("fstatfs", errno: -rc) }
-        return space
-    }
-
-    /// A filesystem's name from its `f_type`, for messages.
-    static func filesystemName(_ type: UInt64) -> String {
-        let names: [UInt64: String] = [
-            0xEF53: "ext4", 0x5846_5342: "xfs", 0x9123_683E: "btrfs", 0x0102_1994: "tmpfs",
-            0x8584_58F6: "ramfs", 0x794C_7630: "overlayfs", 0x6969: "nfs", 0x6573_5546: "fuse",
-            0xFF53_4D42: "cifs", 0x2FC1_2FC1: "zfs", 0xF2F5_2010: "f2fs",
-        ]
-        return names[type] ?? "filesystem 0x\(String(type, radix: 16))"
     }
 }

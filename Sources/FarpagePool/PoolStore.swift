@@ -1,4 +1,5 @@
 import FarpageKernel
+import FarpageProtocol
 import FarpageTiers
 import FarpageTransport
 import Foundation
@@ -34,7 +35,7 @@ public struct PoolServerReport: Codable, Sendable {
     /// Leases the server asked back that are still being moved.
     public var reclaimingLeases: Int
     /// The spill file's I/O counters (`[store] kind = "file"`); nil for other backends.
-    public var spillFile: SpillFileCounters? = nil
+    public var spillFile: SpillFileIO? = nil
 }
 
 /// Where the pool keeps pages that no memory server can take (with no servers, all of them).

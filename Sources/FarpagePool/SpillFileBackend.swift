@@ -1,5 +1,6 @@
 import CFarpageChecksum
 import FarpageKernel
+import FarpageProtocol
 import FarpageTransport
 import Foundation
 import Logging
@@ -42,23 +43,6 @@ public struct SpillFileError: Error, CustomStringConvertible, Sendable {
     }
 
     public var description: String { "spill file \(path): \(message)" + (cause.map { " [\($0)]" } ?? "") }
-}
-
-/// What a spill file has done since the agent started (`farpagectl pool list`, status JSON).
-public struct SpillFileCounters: Sendable, Equatable, Codable {
-    /// Whether reads and writes bypass the page cache (O_DIRECT).
-    public var direct: Bool
-    /// Read and write operations (one per run of consecutive pages).
-    public var reads: UInt64
-    public var writes: UInt64
-    public var readBytes: UInt64
-    public var writtenBytes: UInt64
-    /// io_uring submissions (a batch of runs is one).
-    public var submissions: UInt64
-    /// Pages whose data did not match the checksum kept for them.
-    public var checksumFailures: UInt64
-    /// Operations on a buffer not aligned for O_DIRECT, copied through an aligned one.
-    public var bounced: UInt64
 }
 
 /// The NVMe tier: leases are fixed extents of one preallocated spill file, read and written
@@ -124,7 +108,7 @@ public final class SpillFileBackend: LeaseBackend, @unchecked Sendable {
 
     private var descriptor: Int32 { file.rawValue }
 
-    public var counters: SpillFileCounters { stats.snapshot(direct: directIO) }
+    public var counters: SpillFileIO { stats.snapshot(direct: directIO) }
 
     // MARK: Leases
 
@@ -160,8 +144,15 @@ public final class SpillFileBackend: LeaseBackend, @unchecked Sendable {
     func write(lease id: UInt64, offset: UInt64, pages: Int, from: UnsafeRawPointer) throws(TransportError) {
         let extent = try extent(id)
         try checkBounds(offset, pages: pages)
-        var sums = [UInt64](repeating: 0, count: pages)
-        fp_checksum_pages(from, Self.pageSize, pages, &sums)
+        try withUnsafeTemporaryAllocation(of: UInt64.self, capacity: pages) { sums throws(TransportError) in
+            fp_checksum_pages(from, Self.pageSize, pages, sums.baseAddress)
+            try write(extent, offset: offset, pages: pages, from: from)
+            // Only now: a read of the old data (a page rewritten in place) keeps matching until then.
+            extent.store(UnsafeBufferPointer(sums), at: Int(offset) / Self.pageSize)
+        }
+    }
+
+    private func write(_ extent: Extent, offset: UInt64, pages: Int, from: UnsafeRawPointer) throws(TransportError) {
         let length = pages * Self.pageSize
         let bounce = needsBounce(from) ? UnsafeMutableRawPointer.allocate(byteCount: length, alignment: Self.pageSize) : nil
         defer { bounce?.deallocate() }
@@ -170,12 +161,10 @@ public final class SpillFileBackend: LeaseBackend, @unchecked Sendable {
         let op = IOUring.Operation(direction: .write, descriptor: descriptor, buffer: source, length: length,
                                    offset: extent.offset + offset)
         let result = try withRing { ring in ring.run([op]) }[0]
-        stats.noteSubmission(bounced: bounce != nil ? 1 : 0)
+        if bounce != nil { stats.bounced.add(1, ordering: .relaxed) }
         if let error = failure(of: result, op) { throw error }
         stats.writes.add(1, ordering: .relaxed)
         stats.writtenBytes.add(UInt64(length), ordering: .relaxed)
-        // Only now: a read of the old data (a page rewritten in place) keeps matching until then.
-        extent.store(sums, at: Int(offset) / Self.pageSize)
     }
 
     func read(lease id: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer, allowUnwritten: Bool)
@@ -237,7 +226,7 @@ public final class SpillFileBackend: LeaseBackend, @unchecked Sendable {
                     reportReady()
                 }
             }
-            stats.noteSubmission(bounced: plan.bouncedRuns)
+            if plan.bouncedRuns > 0 { stats.bounced.add(UInt64(plan.bouncedRuns), ordering: .relaxed) }
         }
         reportReady()
     }
@@ -258,23 +247,26 @@ public final class SpillFileBackend: LeaseBackend, @unchecked Sendable {
     /// fails otherwise.
     private func verify(_ extent: Extent, lease id: UInt64, _ run: LeaseReadRun, allowUnwritten: Bool) -> TransportError? {
         let first = Int(run.offset) / Self.pageSize
-        let stored = extent.load(first, count: run.pages)
-        var computed = [UInt64](repeating: 0, count: run.pages)
-        fp_checksum_pages(run.into, Self.pageSize, run.pages, &computed)
-        for i in 0..<run.pages where computed[i] != stored[i] {
-            let fileOffset = extent.offset + run.offset + UInt64(i * Self.pageSize)
-            if stored[i] == 0 {
-                if allowUnwritten {
-                    memset(run.into + i * Self.pageSize, 0, Self.pageSize)
-                    continue
+        return withUnsafeTemporaryAllocation(of: UInt64.self, capacity: 2 * run.pages) { sums -> TransportError? in
+            let computed = UnsafeMutableBufferPointer(rebasing: sums[..<run.pages])
+            let stored = UnsafeMutableBufferPointer(rebasing: sums[run.pages...])
+            fp_checksum_pages(run.into, Self.pageSize, run.pages, computed.baseAddress)
+            extent.load(first, into: stored)
+            for i in 0..<run.pages where computed[i] != stored[i] {
+                let fileOffset = extent.offset + run.offset + UInt64(i * Self.pageSize)
+                if stored[i] == 0 {
+                    if allowUnwritten {
+                        memset(run.into + i * Self.pageSize, 0, Self.pageSize)
+                        continue
+                    }
+                    return TransportError(.corrupt, "\(name): slot \(first + i) of lease \(id) (file offset \(fileOffset)) was never written")
                 }
-                return TransportError(.corrupt, "\(name): slot \(first + i) of lease \(id) (file offset \(fileOffset)) was never written")
+                stats.checksumFailures.add(1, ordering: .relaxed)
+                return TransportError(.corrupt,
+                                      "\(name): page at file offset \(fileOffset) (slot \(first + i) of lease \(id)) does not match its checksum: the file was changed or the device returned bad data")
             }
-            stats.checksumFailures.add(1, ordering: .relaxed)
-            return TransportError(.corrupt,
-                                  "\(name): page at file offset \(fileOffset) (slot \(first + i) of lease \(id)) does not match its checksum: the file was changed or the device returned bad data")
+            return nil
         }
-        return nil
     }
 
     /// The error of one operation that did not move all its bytes, logged (at most every 10 s).
@@ -316,7 +308,9 @@ public final class SpillFileBackend: LeaseBackend, @unchecked Sendable {
                 throw TransportError(.unreachable, "\(name): cannot set up an io_uring: \(error) (out of memory, or RLIMIT_MEMLOCK on kernels before 5.12)")
             }
         }
+        let submitted = ring.submissions
         let result = body(ring)
+        stats.submissions.add(ring.submissions - submitted, ordering: .relaxed)
         if !ring.broken { rings.withLock { if $0.count < Self.maxPooledRings { $0.append(ring) } } }
         return result
     }
@@ -338,18 +332,18 @@ extension SpillFileBackend {
     }
 
     static func openBuffered(_ path: String) throws(SpillFileError) -> OwnedDescriptor {
-        do { return try SpillFileCalls.open(path) } catch { throw openError(path, error) }
+        do { return try DataFile.open(path) } catch { throw openError(path, error) }
     }
 
     /// Turns O_DIRECT on, and checks it with a read of the first page: some filesystems refuse
     /// it at `fcntl`, others only at the first I/O (EINVAL either way). Returns why it is off,
     /// or nil when it is on.
     static func enableDirect(_ file: OwnedDescriptor) -> String? {
-        do throws(KernelError) { try SpillFileCalls.setDirect(file, true) } catch {
+        do throws(KernelError) { try DataFile.setDirect(file, true) } catch {
             return "the filesystem refuses O_DIRECT (\(error))"
         }
         guard let refusal = directReadRefusal(file) else { return nil }
-        try? SpillFileCalls.setDirect(file, false)
+        try? DataFile.setDirect(file, false)
         return "the filesystem refuses O_DIRECT reads (\(refusal))"
     }
 
@@ -370,14 +364,14 @@ extension SpillFileBackend {
 
     /// Checks that it is a regular file and takes an exclusive lock on it (one agent per file).
     static func lock(_ file: OwnedDescriptor, _ path: String) throws(SpillFileError) {
-        let status: SpillFileCalls.Status
-        do throws(KernelError) { status = try SpillFileCalls.status(file) } catch {
+        let status: DataFile.Status
+        do throws(KernelError) { status = try DataFile.status(file) } catch {
             throw SpillFileError(.cannotOpen, path, "cannot be inspected; check the path and its filesystem", cause: error)
         }
         guard status.isRegular else {
             throw SpillFileError(.cannotOpen, path, "is not a regular file; point [store] path at a file (it is created if missing)")
         }
-        do throws(KernelError) { try SpillFileCalls.lock(file) } catch where error.errno == EWOULDBLOCK {
+        do throws(KernelError) { try DataFile.lock(file) } catch where error.errno == EWOULDBLOCK {
             throw SpillFileError(.inUse, path, "is in use by another process (another agent?); give each agent its own spill file",
                                  cause: error)
         } catch {
@@ -388,28 +382,28 @@ extension SpillFileBackend {
     /// Sizes the file to `bytes` and reserves its blocks, or refuses when the filesystem lacks
     /// the space. Where it cannot preallocate (no fallocate), the file is sparse (logged).
     static func reserve(_ file: OwnedDescriptor, _ path: String, bytes: UInt64, logger: Logger) throws(SpillFileError) {
-        let status: SpillFileCalls.Status
-        let space: SpillFileCalls.Space
+        let status: DataFile.Status
+        let space: DataFile.Space
         do throws(KernelError) {
-            status = try SpillFileCalls.status(file)
-            space = try SpillFileCalls.space(file)
+            status = try DataFile.status(file)
+            space = try DataFile.space(file)
         } catch { throw SpillFileError(.cannotOpen, path, "cannot inspect the file or its filesystem", cause: error) }
         let missing = bytes > status.allocated ? bytes - status.allocated : 0
         if space.total > 0 && missing > space.available {
             throw noSpace(path, bytes: bytes, available: space.available + status.allocated, cause: nil)
         }
         do throws(KernelError) {
-            if status.size > bytes { try SpillFileCalls.truncate(file, length: bytes) }
-            try SpillFileCalls.preallocate(file, length: bytes)
+            if status.size > bytes { try DataFile.truncate(file, length: bytes) }
+            try DataFile.preallocate(file, length: bytes)
         } catch where error.errno == ENOSPC || error.errno == EDQUOT || error.errno == EFBIG {
             throw noSpace(path, bytes: bytes, available: space.available + status.allocated, cause: error)
         } catch where error.errno == EOPNOTSUPP {
-            do throws(KernelError) { try SpillFileCalls.truncate(file, length: bytes) } catch {
+            do throws(KernelError) { try DataFile.truncate(file, length: bytes) } catch {
                 throw SpillFileError(.cannotOpen, path, "cannot be sized to \(bytes) bytes", cause: error)
             }
             logger.warning(
                 "the spill file's filesystem cannot preallocate (no fallocate); the file is sparse, so a full filesystem shows up later as failed evictions (pages stay resident); put it on ext4 or xfs to reserve the space at start",
-                metadata: ["fp.path": "\(path)", "fp.fs": "\(SpillFileCalls.filesystemName(space.type))"])
+                metadata: ["fp.path": "\(path)", "fp.fs": "\(DataFile.filesystemName(space.type))"])
         } catch {
             throw SpillFileError(.cannotOpen, path, "cannot be sized to \(bytes) bytes", cause: error)
         }
@@ -433,7 +427,7 @@ extension SpillFileBackend {
     }
 
     static func warnBuffered(_ path: String, file: OwnedDescriptor, reason: String, logger: Logger) {
-        let fs = (try? SpillFileCalls.space(file)).map { SpillFileCalls.filesystemName($0.type) } ?? "its filesystem"
+        let fs = (try? DataFile.space(file)).map { DataFile.filesystemName($0.type) } ?? "its filesystem"
         logger.warning(
             "spill file without O_DIRECT: \(reason); using buffered I/O, so spilled pages also pass through the page cache (put the spill file on ext4 or xfs on a local disk to avoid that)",
             metadata: ["fp.path": "\(path)", "fp.fs": "\(fs)"])
@@ -454,11 +448,13 @@ final class Extent: Sendable {
         sums = Mutex([UInt64](repeating: 0, count: pages))
     }
 
-    func store(_ values: [UInt64], at first: Int) {
-        sums.withLock { s in s.replaceSubrange(first..<(first + values.count), with: values) }
+    func store(_ values: UnsafeBufferPointer<UInt64>, at first: Int) {
+        sums.withLock { s in s.withUnsafeMutableBufferPointer { (($0.baseAddress! + first)).update(from: values.baseAddress!, count: values.count) } }
     }
 
-    func load(_ first: Int, count: Int) -> [UInt64] { sums.withLock { Array($0[first..<(first + count)]) } }
+    func load(_ first: Int, into values: UnsafeMutableBufferPointer<UInt64>) {
+        sums.withLock { s in s.withUnsafeBufferPointer { values.baseAddress!.update(from: $0.baseAddress! + first, count: values.count) } }
+    }
 }
 
 /// Which extents of the file hold leases. Freed extents are reused lowest offset first; lease
@@ -536,13 +532,8 @@ final class Stats: Sendable {
     let checksumFailures = Atomic<UInt64>(0)
     let bounced = Atomic<UInt64>(0)
 
-    func noteSubmission(bounced runs: Int) {
-        submissions.add(1, ordering: .relaxed)
-        if runs > 0 { bounced.add(UInt64(runs), ordering: .relaxed) }
-    }
-
-    func snapshot(direct: Bool) -> SpillFileCounters {
-        SpillFileCounters(
+    func snapshot(direct: Bool) -> SpillFileIO {
+        SpillFileIO(
             direct: direct, reads: reads.load(ordering: .relaxed), writes: writes.load(ordering: .relaxed),
             readBytes: readBytes.load(ordering: .relaxed), writtenBytes: writtenBytes.load(ordering: .relaxed),
             submissions: submissions.load(ordering: .relaxed), checksumFailures: checksumFailures.load(ordering: .relaxed),

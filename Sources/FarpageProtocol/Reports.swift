@@ -129,7 +129,8 @@ public struct SpillFileIO: Codable, Sendable, Equatable {
     public var writes: UInt64
     public var readBytes: UInt64
     public var writtenBytes: UInt64
-    /// io_uring submissions (a fetch-ahead batch of runs is one).
+    /// Kernel entries that submitted I/O (`io_uring_enter`): a fetch-ahead batch of runs that
+    /// fits the ring (64) is one.
     public var submissions: UInt64
     /// Pages that did not match their checksum when read (each is poisoned, never served).
     public var checksumFailures: UInt64

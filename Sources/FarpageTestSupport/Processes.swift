@@ -111,18 +111,43 @@ public final class AgentProcess: @unchecked Sendable {
         }
     }
 
-    public func regions() throws -> [RegionReport] {
-        guard case .json(let text, _) = try call(.regionsJSON) else { throw TestSupportError("bad reply") }
+    public func regions() throws -> [RegionReport] { try decode(.regionsJSON) }
+
+    public func status() throws -> AgentStatus { try decode(.statusJSON) }
+
+    /// `farpagectl pool list --json`: one row per memory server and the local spill.
+    public func pool() throws -> [PoolServer] { try decode(.poolJSON) }
+
+    private func decode<T: Decodable>(_ request: Request) throws -> T {
+        guard case .json(let text, _) = try call(request) else { throw TestSupportError("bad reply") }
         let d = JSONDecoder()
         d.keyDecodingStrategy = .convertFromSnakeCase
-        return try d.decode([RegionReport].self, from: Data(text.utf8))
+        return try d.decode(T.self, from: Data(text.utf8))
     }
 
-    public func status() throws -> AgentStatus {
-        guard case .json(let text, _) = try call(.statusJSON) else { throw TestSupportError("bad reply") }
-        let d = JSONDecoder()
-        d.keyDecodingStrategy = .convertFromSnakeCase
-        return try d.decode(AgentStatus.self, from: Data(text.utf8))
+    /// Starts `fp-workload --socket <this agent> --json <arguments>`, its output in a pipe.
+    public func startWorkload(_ arguments: [String]) throws -> WorkloadProcess {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: binary("fp-workload"))
+        p.arguments = ["--socket", socket, "--json"] + arguments
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = out
+        try p.run()
+        return WorkloadProcess(process: p, output: out)
+    }
+}
+
+/// A running `fp-workload` (see `AgentProcess.startWorkload`).
+public struct WorkloadProcess {
+    public let process: Process
+    let output: Pipe
+
+    /// Waits for it to exit: its exit status (or signal), how it ended, and all it printed.
+    public func finish() -> (status: Int32, reason: Process.TerminationReason, output: String) {
+        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        return (process.terminationStatus, process.terminationReason, text)
     }
 }
 
@@ -243,6 +268,14 @@ public struct SplitMix: Sendable {
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
         return z ^ (z >> 31)
     }
+}
+
+/// `count` pages of seeded random data, page-aligned; the caller deallocates it.
+public func randomPages(_ count: Int, seed: UInt64) -> UnsafeMutableRawPointer {
+    let p = UnsafeMutableRawPointer.allocate(byteCount: count * 4096, alignment: 4096)
+    var rng = SplitMix(state: seed)
+    for w in 0..<(count * 512) { p.storeBytes(of: rng.next(), toByteOffset: w * 8, as: UInt64.self) }
+    return p
 }
 
 /// SIGSTOP, then waits (up to 2 s) until every thread of the process is stopped: `kill`

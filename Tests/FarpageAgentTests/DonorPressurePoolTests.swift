@@ -22,17 +22,17 @@ extension PoolTests {
     func waitForPages(_ agent: AgentProcess, on server: MemserverProcess, _ pages: Int) throws {
         let deadline = Date().addingTimeInterval(30)
         while Date() < deadline {
-            if let row = try pool(agent).first(where: { $0.address == "127.0.0.1:\(server.port)" }), row.storedPages >= pages { return }
+            if let row = try agent.pool().first(where: { $0.address == "127.0.0.1:\(server.port)" }), row.storedPages >= pages { return }
             usleep(20_000)
         }
-        throw TestSupportError("no \(pages) pages reached \(server.port): \(try pool(agent))")
+        throw TestSupportError("no \(pages) pages reached \(server.port): \(try agent.pool())")
     }
 
     @Test func anOperatorReclaimMovesPagesOffTheServerWhileTheWorkloadRuns() throws {
         let servers = try startServers(2)
         let agent = try startAgent(servers)
         defer { agent.stop() }
-        let w = try workload(agent, ["--size", "32MiB", "--budget", "4MiB", "--passes", "6", "--threads", "2"])
+        let w = try agent.startWorkload(["--size", "32MiB", "--budget", "4MiB", "--passes", "6", "--threads", "2"])
         let donor = servers[0]
         try waitForPages(agent, on: donor, 500)
         #expect(try donor.adminStatus().lentBytes > 0)
@@ -42,11 +42,11 @@ extension PoolTests {
         #expect(rc == 0, "\(text)")
         let after = try donor.adminStatus()
         #expect(after.reclaimingLeases == 0 && after.limitBytes == 0, "\(after)")
-        let (wrc, _, out) = finish(w)
+        let (wrc, _, out) = w.finish()
         #expect(wrc == 0 && out.contains("\"failures\":0"), "pages were lost while the lease moved: \(out)")
         // The limit holds: the server lent nothing more while the workload went on.
         #expect(try leasesHeld(on: donor) == 0)
-        #expect(try pool(agent).first { $0.address == "127.0.0.1:\(donor.port)" }?.status == "healthy")
+        #expect(try agent.pool().first { $0.address == "127.0.0.1:\(donor.port)" }?.status == "healthy")
         #expect(agent.logText.contains("memory server asks for leases back"))
         #expect(agent.logText.contains("leases given back to the memory server"))
         // Lifting the limit lends again.
@@ -59,7 +59,7 @@ extension PoolTests {
         let agent = try startAgent(servers)
         defer { agent.stop() }
         let donor = servers[1]
-        let w = try workload(agent, ["--size", "32MiB", "--budget", "4MiB", "--passes", "6", "--mode", "seq"])
+        let w = try agent.startWorkload(["--size", "32MiB", "--budget", "4MiB", "--passes", "6", "--mode", "seq"])
         try waitForPages(agent, on: donor, 500)
         // A headroom this host cannot meet: the donor wants every lease back.
         #expect(try donor.admin(.init(op: .headroom, bytes: 1 << 60)).ok)
@@ -70,7 +70,7 @@ extension PoolTests {
             status = try donor.adminStatus()
         }
         #expect(status.leases == 0 && status.pressureLimitBytes == 0, "\(status)")
-        let (rc, _, out) = finish(w)
+        let (rc, _, out) = w.finish()
         #expect(rc == 0 && out.contains("\"failures\":0"), "\(out)")
         #expect(donor.logText.contains("lowering the lending limit"))
         // Pressure gone: the limit comes back.
@@ -85,7 +85,7 @@ extension PoolTests {
         let agent = try startAgent(servers, spill: "2MiB")
         defer { agent.stop() }
         let donor = servers[0]
-        let w = try workload(agent, ["--size", "24MiB", "--budget", "4MiB", "--passes", "1", "--hold", "4"])
+        let w = try agent.startWorkload(["--size", "24MiB", "--budget", "4MiB", "--passes", "1", "--hold", "4"])
         try waitForPages(agent, on: donor, 3000)
         #expect(try donor.admin(.init(op: .limit, bytes: 0)).ok)
         let deadline = Date().addingTimeInterval(20)
@@ -93,17 +93,17 @@ extension PoolTests {
         #expect(agent.logText.contains("their pages have nowhere to go"))
         let status = try donor.adminStatus()
         #expect(status.leases > 0 && status.reclaimingLeases == status.leases, "\(status)")
-        let row = try #require(try pool(agent).first { $0.address == "127.0.0.1:\(donor.port)" })
+        let row = try #require(try agent.pool().first { $0.address == "127.0.0.1:\(donor.port)" })
         #expect((row.reclaimingLeases ?? 0) > 0 && row.status == "healthy")
-        let (rc, _, out) = finish(w)
+        let (rc, _, out) = w.finish()
         #expect(rc == 0 && out.contains("\"failures\":0"), "\(out)")
         // The operator lifts the limit: the agent stops moving and places pages there again.
         #expect(try donor.admin(.init(op: .limit)).status?.reclaimingLeases == 0)
         let clear = Date().addingTimeInterval(10)
-        while Date() < clear, (try pool(agent).first { $0.address == "127.0.0.1:\(donor.port)" }?.reclaimingLeases ?? 0) > 0 {
+        while Date() < clear, (try agent.pool().first { $0.address == "127.0.0.1:\(donor.port)" }?.reclaimingLeases ?? 0) > 0 {
             usleep(100_000)
         }
-        #expect((try pool(agent).first { $0.address == "127.0.0.1:\(donor.port)" }?.reclaimingLeases ?? 0) == 0)
+        #expect((try agent.pool().first { $0.address == "127.0.0.1:\(donor.port)" }?.reclaimingLeases ?? 0) == 0)
     }
 
     /// Churn: four threads write and read random pages with version stamps (a tiny budget, so
@@ -113,11 +113,11 @@ extension PoolTests {
         let servers = try startServers(3)
         let agent = try startAgent(servers, spill: "64MiB")
         defer { agent.stop() }
-        let w = try workload(agent, ["--size", "24MiB", "--budget", "2MiB", "--mode", "random", "--threads", "4",
+        let w = try agent.startWorkload(["--size", "24MiB", "--budget", "2MiB", "--mode", "random", "--threads", "4",
                                      "--passes", "20000", "--seed", "77"])
         var turns = 0
         var k = 0
-        while w.0.isRunning {
+        while w.process.isRunning {
             let donor = servers[k % servers.count]
             k += 1
             guard (try? donor.admin(.init(op: .limit, bytes: 0)))?.ok == true else { continue }
@@ -126,7 +126,7 @@ extension PoolTests {
             usleep(100_000)
             turns += 1
         }
-        let (rc, _, out) = finish(w)
+        let (rc, _, out) = w.finish()
         #expect(rc == 0 && out.contains("\"failures\":0"), "a write was lost while leases moved: \(out)")
         #expect(turns >= 3, "the workload ended before the churn got going (\(turns) turns)")
         let moved = agent.logText.components(separatedBy: "leases given back to the memory server").count - 1

@@ -27,30 +27,6 @@ struct PoolTests {
             """, storeCapacity: spill)
     }
 
-    func pool(_ agent: AgentProcess) throws -> [PoolServer] {
-        guard case .json(let text, _) = try agent.call(.poolJSON) else { throw TestSupportError("no pool JSON") }
-        let d = JSONDecoder()
-        d.keyDecodingStrategy = .convertFromSnakeCase
-        return try d.decode([PoolServer].self, from: Data(text.utf8))
-    }
-
-    func workload(_ agent: AgentProcess, _ args: [String]) throws -> (Process, Pipe) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: binary("fp-workload"))
-        p.arguments = ["--socket", agent.socket, "--json"] + args
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        return (p, out)
-    }
-
-    func finish(_ w: (Process, Pipe)) -> (Int32, Process.TerminationReason, String) {
-        let text = String(decoding: w.1.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        w.0.waitUntilExit()
-        return (w.0.terminationStatus, w.0.terminationReason, text)
-    }
-
     func leasesHeld(on server: MemserverProcess) throws -> UInt32 {
         let c = try server.client()
         defer { c.close() }
@@ -63,10 +39,10 @@ struct PoolTests {
         let servers = try startServers(3)
         let agent = try startAgent(servers)
         defer { agent.stop() }
-        let (rc, _, out) = finish(try workload(agent, ["--size", "64MiB", "--budget", "16MiB", "--passes", "2", "--hold", "1"]))
+        let (rc, _, out) = try agent.startWorkload(["--size", "64MiB", "--budget", "16MiB", "--passes", "2", "--hold", "1"]).finish()
         #expect(rc == 0 && out.contains("\"failures\":0"), "\(out)")
         // Pages went to the servers, spread by free capacity; none needed the local spill.
-        let report = try pool(agent)
+        let report = try agent.pool()
         let used = report.filter { $0.transport == "tcp" && $0.leases > 0 }
         #expect(used.count >= 2, "pages did not spread: \(report.map { "\($0.address)=\($0.leases)" })")
         #expect(report.first { $0.transport == "local" }?.leases == 0, "pages went to the local spill")
@@ -79,12 +55,12 @@ struct PoolTests {
         let servers = try startServers(3)
         let agent = try startAgent(servers)
         defer { agent.stop() }
-        let w = try workload(agent, ["--size", "32MiB", "--budget", "4MiB", "--passes", "4", "--threads", "2"])
+        let w = try agent.startWorkload(["--size", "32MiB", "--budget", "4MiB", "--passes", "4", "--threads", "2"])
         // Let pages land everywhere, then detach the server holding the most.
         let deadline = Date().addingTimeInterval(30)
         var victim: PoolServer?
         while Date() < deadline {
-            victim = try pool(agent).filter { $0.transport == "tcp" }.max { $0.storedPages < $1.storedPages }
+            victim = try agent.pool().filter { $0.transport == "tcp" }.max { $0.storedPages < $1.storedPages }
             if let v = victim, v.storedPages > 500 { break }
             usleep(50_000)
         }
@@ -92,12 +68,12 @@ struct PoolTests {
         #expect(try agent.call(.poolDetach(address: target.address)) == .ok(0, 0))
         var status = ""
         while Date() < deadline {
-            status = try pool(agent).first { $0.address == target.address }?.status ?? "gone"
+            status = try agent.pool().first { $0.address == target.address }?.status ?? "gone"
             if status == "detached" || status == "failed" { break }
             usleep(50_000)
         }
         #expect(status == "detached")
-        let (rc, _, out) = finish(w)
+        let (rc, _, out) = w.finish()
         #expect(rc == 0 && out.contains("\"failures\":0"), "the workload saw bad data after the detach: \(out)")
         let server = try #require(servers.first { "127.0.0.1:\($0.port)" == target.address })
         #expect(try leasesHeld(on: server) == 0, "the detached server still lends leases to the agent")
@@ -110,13 +86,13 @@ struct PoolTests {
         let agent = try startAgent(servers)
         defer { agent.stop() }
         let late = try MemserverProcess(capacity: "256MiB", leaseSize: "1MiB")
-        let w = try workload(agent, ["--size", "32MiB", "--budget", "4MiB", "--passes", "12"])
+        let w = try agent.startWorkload(["--size", "32MiB", "--budget", "4MiB", "--passes", "12"])
         let deadline = Date().addingTimeInterval(30)
-        while Date() < deadline, (try pool(agent).first { $0.transport == "tcp" }?.storedPages ?? 0) < 1000 { usleep(20_000) }
+        while Date() < deadline, (try agent.pool().first { $0.transport == "tcp" }?.storedPages ?? 0) < 1000 { usleep(20_000) }
         #expect(try agent.call(.poolAttach(address: "127.0.0.1:\(late.port)")) == .ok(0, 0))
-        let (rc, _, out) = finish(w)
+        let (rc, _, out) = w.finish()
         #expect(rc == 0 && out.contains("\"failures\":0"), "\(out)")
-        let report = try pool(agent)
+        let report = try agent.pool()
         let row = try #require(report.first { $0.address == "127.0.0.1:\(late.port)" })
         #expect(row.status == "healthy")
         #expect(try leasesHeld(on: late) > 0, "no lease was placed on the new server")
@@ -141,7 +117,7 @@ struct PoolTests {
             return
         }
         #expect(message.contains("authentication"))
-        #expect(try pool(agent).allSatisfy { $0.transport == "local" })
+        #expect(try agent.pool().allSatisfy { $0.transport == "local" })
         #expect(try leasesHeld(on: servers[0]) == 0)
         #expect(servers[0].logText.contains("authentication failed"))
     }
@@ -154,28 +130,28 @@ struct PoolTests {
         let port = first.port
         let agent = try startAgent([first])
         defer { agent.stop() }
-        let w = try workload(agent, ["--size", "32MiB", "--budget", "4MiB", "--passes", "1", "--hold", "3"])
+        let w = try agent.startWorkload(["--size", "32MiB", "--budget", "4MiB", "--passes", "1", "--hold", "3"])
         let deadline = Date().addingTimeInterval(30)
-        while Date() < deadline, (try pool(agent).first { $0.transport == "tcp" }?.storedPages ?? 0) < 4000 { usleep(50_000) }
-        _ = finish(w)
+        while Date() < deadline, (try agent.pool().first { $0.transport == "tcp" }?.storedPages ?? 0) < 4000 { usleep(50_000) }
+        _ = w.finish()
         // Pages are far on the first server. Restart it on the same port.
-        let holder = try workload(agent, ["--size", "32MiB", "--budget", "4MiB", "--passes", "1", "--hold", "30"])
-        while Date() < deadline, (try pool(agent).first { $0.transport == "tcp" }?.storedPages ?? 0) < 4000 { usleep(50_000) }
+        let holder = try agent.startWorkload(["--size", "32MiB", "--budget", "4MiB", "--passes", "1", "--hold", "30"])
+        while Date() < deadline, (try agent.pool().first { $0.transport == "tcp" }?.storedPages ?? 0) < 4000 { usleep(50_000) }
         first.stop()
         let second = try MemserverProcess(capacity: "256MiB", leaseSize: "1MiB", port: port)
         defer { second.stop() }
         var status = ""
         while Date() < deadline {
-            status = try pool(agent).first { $0.transport == "tcp" }?.status ?? ""
+            status = try agent.pool().first { $0.transport == "tcp" }?.status ?? ""
             if status == "failed" && agent.logText.contains("memory server restarted") { break }
             usleep(100_000)
         }
         #expect(status == "failed")
         #expect(agent.logText.contains("memory server restarted"))
         usleep(1_000_000)  // several heartbeats: it must stay failed
-        #expect(try pool(agent).first { $0.transport == "tcp" }?.status == "failed")
-        holder.0.terminate()
-        _ = finish(holder)
+        #expect(try agent.pool().first { $0.transport == "tcp" }?.status == "failed")
+        holder.process.terminate()
+        _ = holder.finish()
     }
 
     /// A memory server that dies: the agent notices, and pages that only it held are never
@@ -184,17 +160,17 @@ struct PoolTests {
         let servers = try startServers(1)
         let agent = try startAgent(servers)
         defer { agent.stop() }
-        let w = try workload(agent, ["--size", "32MiB", "--budget", "4MiB", "--passes", "200"])
+        let w = try agent.startWorkload(["--size", "32MiB", "--budget", "4MiB", "--passes", "200"])
         let deadline = Date().addingTimeInterval(30)
-        while Date() < deadline, (try pool(agent).first { $0.transport == "tcp" }?.storedPages ?? 0) < 2000 { usleep(50_000) }
+        while Date() < deadline, (try agent.pool().first { $0.transport == "tcp" }?.storedPages ?? 0) < 2000 { usleep(50_000) }
         kill(servers[0].process.processIdentifier, SIGKILL)
-        let (_, reason, out) = finish(w)
-        #expect(reason == .uncaughtSignal && w.0.terminationStatus == SIGBUS,
-                "the client should die of SIGBUS on a lost page, got \(reason) \(w.0.terminationStatus): \(out)")
+        let (_, reason, out) = w.finish()
+        #expect(reason == .uncaughtSignal && w.process.terminationStatus == SIGBUS,
+                "the client should die of SIGBUS on a lost page, got \(reason) \(w.process.terminationStatus): \(out)")
         #expect(!out.contains("MISMATCH"), "a lost page was served with wrong contents: \(out)")
         var status = ""
         while Date() < deadline {
-            status = try pool(agent).first { $0.transport == "tcp" }?.status ?? ""
+            status = try agent.pool().first { $0.transport == "tcp" }?.status ?? ""
             if status == "failed" { break }
             usleep(50_000)
         }
@@ -202,17 +178,17 @@ struct PoolTests {
         #expect(agent.logText.contains("memory server failed"))
         #expect(agent.logText.contains("poisoning it"))
         // The operator drops the dead server: no more heartbeats go to it.
-        let address = try #require(try pool(agent).first { $0.transport == "tcp" }?.address)
+        let address = try #require(try agent.pool().first { $0.transport == "tcp" }?.address)
         guard case .error = try agent.call(.poolDetach(address: "127.0.0.1:1")) else {
             Issue.record("detaching an unknown server succeeded")
             return
         }
         #expect(try agent.call(.poolRemove(address: address)) == .ok(0, 0))
-        let row = try #require(try pool(agent).first { $0.address == address })
+        let row = try #require(try agent.pool().first { $0.address == address })
         #expect(row.status == "detached")
         let errors = row.errors
         usleep(800_000)  // four heartbeats
-        #expect(try pool(agent).first { $0.address == address }?.errors == errors, "a removed server is still pinged")
+        #expect(try agent.pool().first { $0.address == address }?.errors == errors, "a removed server is still pinged")
         #expect(agent.logText.contains("removed without draining"))
     }
 }

@@ -20,13 +20,6 @@ struct StreamingReadTests {
                   logger: Logger(label: "test"))
     }
 
-    func pages(_ count: Int, seed: UInt64) -> UnsafeMutableRawPointer {
-        let p = UnsafeMutableRawPointer.allocate(byteCount: count * 4096, alignment: 4096)
-        var rng = SplitMix(state: seed)
-        for w in 0..<(count * 512) { p.storeBytes(of: rng.next(), toByteOffset: w * 8, as: UInt64.self) }
-        return p
-    }
-
     /// Bug (regression from 46c2bca's `fail`): a read whose connect finds that the server
     /// restarted (new identity) reports its pages lost, but no longer records the restart on the
     /// server (`noteFailure` is skipped for `.restarted`). The server stays healthy and its other
@@ -38,7 +31,7 @@ struct StreamingReadTests {
         let port = first.port
         let store = try makeStore()
         try store.attach(address: "127.0.0.1:\(port)")
-        let source = pages(2, seed: 7)
+        let source = randomPages(2, seed: 7)
         let back = UnsafeMutableRawPointer.allocate(byteCount: 2 * 4096, alignment: 4096)
         defer {
             source.deallocate()
@@ -77,7 +70,7 @@ struct StreamingReadTests {
         let store = try makeStore(ioTimeout: 500)
         try store.attach(address: "127.0.0.1:\(server.port)")
         let count = 200  // one lease: runs of 16, 64, 64, 56
-        let source = pages(count, seed: 11)
+        let source = randomPages(count, seed: 11)
         let target = UnsafeMutableRawPointer.allocate(byteCount: count * 4096, alignment: 4096)
         defer {
             source.deallocate()

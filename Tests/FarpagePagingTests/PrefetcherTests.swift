@@ -60,3 +60,17 @@ import Testing
         #expect(!a.backingOff)
     }
 }
+
+/// The resident queue's head insertion, used to put young pages back where they were.
+@Suite struct ResidentQueueTests {
+    @Test func pagesPutBackAtTheHeadComeOutFirstInTheirOrderEvenWhenTheRingGrows() {
+        var q = ResidentQueue()
+        for p in 0..<64 { q.push(p) }  // exactly full: the next insertion grows the ring
+        let popped = (0..<3).map { _ in q.pop()! }
+        for p in popped.reversed() { q.pushFront(p) }
+        for p in [100, 101] { q.pushFront(p) }  // grows past 64
+        var out: [Int] = []
+        while let p = q.pop() { out.append(p) }
+        #expect(out == [101, 100] + Array(0..<64))
+    }
+}

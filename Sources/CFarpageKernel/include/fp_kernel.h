@@ -115,6 +115,19 @@ int fp_file_size(int fd, uint64_t *size);
 int fp_punch_hole(int fd, uint64_t offset, uint64_t len);
 /* The file's (st_dev, st_ino): two descriptors with equal identities name the same file. */
 int fp_file_identity(int fd, uint64_t *dev, uint64_t *ino);
+/* Data files (the spill file). open(O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600). */
+int fp_file_open_rw(const char *path);
+/* fcntl(F_SETFL) with or without O_DIRECT: -EINVAL where the filesystem refuses direct I/O. */
+int fp_set_direct_io(int fd, int on);
+/* flock(LOCK_EX | LOCK_NB): -EWOULDBLOCK when another open file description holds it. */
+int fp_flock_exclusive(int fd);
+/* fallocate(mode 0) of [0, len): reserves the blocks; -EOPNOTSUPP where the filesystem cannot. */
+int fp_preallocate(int fd, uint64_t len);
+/* fstat: size, bytes allocated on disk, and whether it is a regular file. */
+int fp_file_status(int fd, uint64_t *size, uint64_t *allocated, int *regular);
+/* fstatfs: bytes available to us, the filesystem's size (0 when it reports none, as ramfs
+ * does) and its magic number (f_type). */
+int fp_fs_space(int fd, uint64_t *available, uint64_t *total, uint64_t *fs_type);
 /* pread that loops until len bytes or EOF; returns bytes read or -errno. */
 int64_t fp_pread_full(int fd, void *buf, uint64_t len, uint64_t offset);
 /* readlink("/proc/self/fd/N") into buf (NUL-terminated). */

@@ -1,6 +1,6 @@
 /*
- * fp_uring.h — io_uring (through liburing) and the spill file's kernel calls, behind an
- * opaque handle.
+ * fp_uring.h — io_uring (through liburing), behind an opaque handle. The spill file's other
+ * kernel calls (open, O_DIRECT, flock, fallocate, fstatfs) are in fp_kernel.h.
  *
  * liburing 2.3's header is mostly static inline functions and clashes with the Glibc and
  * swift-system modules, so Swift never includes it: only this header, which exposes no
@@ -54,37 +54,15 @@ typedef void (*fp_ring_done)(void *context, int index, int64_t result);
  * after the return), and the ring must be destroyed, not reused. */
 int fp_ring_rw(fp_ring *ring, fp_ring_op *ops, int n, fp_ring_done done, void *context);
 
+/* How many times this ring's fp_ring_rw calls entered the kernel to submit entries (a batch
+ * that fits the ring takes one; a larger one takes more). */
+uint64_t fp_ring_submits(const fp_ring *ring);
+
 /* Whether this process may use io_uring: sets up and tears down a small ring and checks
  * that IORING_OP_READ and IORING_OP_WRITE are supported. 0, or -errno: -EPERM when
  * kernel.io_uring_disabled forbids it, -ENOSYS when the kernel lacks io_uring or a seccomp
  * filter blocks it, -EOPNOTSUPP when the opcodes are missing. */
 int fp_ring_probe(void);
-
-/* ---- The spill file ---------------------------------------------------------- */
-
-/* Opens (creating with mode 0600) a file for reading and writing, O_CLOEXEC and O_NOFOLLOW. */
-int fp_spill_open(const char *path);
-
-/* Turns O_DIRECT on or off for an open file (fcntl F_SETFL): -EINVAL where the filesystem
- * refuses direct I/O. */
-int fp_spill_set_direct(int fd, int direct);
-
-/* Takes an exclusive, non-blocking flock(2): -EWOULDBLOCK when another process holds it. */
-int fp_spill_lock(int fd);
-
-/* fallocate(2) mode 0 of [0, length): reserves the blocks. -EOPNOTSUPP where the filesystem
- * has no fallocate. */
-int fp_spill_preallocate(int fd, uint64_t length);
-
-/* ftruncate(2). */
-int fp_spill_truncate(int fd, uint64_t length);
-
-/* fstat(2): size in bytes, bytes allocated on disk, and whether it is a regular file. */
-int fp_spill_stat(int fd, uint64_t *size, uint64_t *allocated, int *regular);
-
-/* statfs(2) of the file's filesystem: bytes available to us, its total size (0 when the
- * filesystem reports none, as ramfs does) and its magic number (f_type). */
-int fp_spill_space(int fd, uint64_t *available, uint64_t *total, uint64_t *fs_type);
 
 #ifdef __cplusplus
 }
