@@ -24,7 +24,7 @@ all: build lib
 
 # Install missing Debian packages: one `apt-get update`, then `apt-get install`.
 deps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
+	@missing=""; for p in $(DEB_PACKAGES) $(EXTRA_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -63,6 +63,8 @@ test: deps
 	  echo; echo "==== failed tests (full log: .build/test.log) ===="; \
 	  grep -E '✘|error:|Fatal error|signal' .build/test.log | grep -v 'passed after' | head -60; exit 1; }
 
+# fio measures the disk the NVMe tier is compared with (installed only for the benchmark).
+bench: EXTRA_PACKAGES := fio
 bench: build lib
 	Benchmarks/run.sh $(RELEASE)
 

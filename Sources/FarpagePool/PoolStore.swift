@@ -482,13 +482,19 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         if fill <= movement.demoteTo { demotionWanted.store(false, ordering: .relaxed) }
         let wanted = demotionWanted.load(ordering: .relaxed)
         promoting.store(movement.promote && fill < movement.demoteAbove && !wanted, ordering: .relaxed)
-        guard wanted,
+        guard wanted, spillHasRoomForALease(),
             demotionRunning.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
         else { return }
         startThread(name: "fp-demote", detached: true) { [self] in
             defer { demotionRunning.store(false, ordering: .releasing) }
             demoteColdLeases(movement, targetPages: Int(Double(total) * movement.demoteTo))
         }
+    }
+
+    /// Whether the spill file can take one more lease (else demotion waits: the file is full).
+    private func spillHasRoomForALease() -> Bool {
+        let leases = state.withLock { s in s.leases.count { $0?.server === local } }
+        return UInt64(leases + 1) * local.backend.leaseBytes <= local.capacityBytes
     }
 
     /// Moves the leases read least recently from memory servers into the spill file until our
@@ -508,7 +514,8 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         var moved = 0
         var pages = 0
         for lease in candidates {
-            guard poolFill().storedPages > targetPages else { break }
+            // Done, or the file is full (not a failure: demotion resumes when it has room).
+            guard poolFill().storedPages > targetPages, spillHasRoomForALease() else { break }
             let (server, used, cold) = state.withLock { _ in
                 (lease.server, lease.used, lease.lastRead.load(ordering: .relaxed) <= coldBefore)
             }

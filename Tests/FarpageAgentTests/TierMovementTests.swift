@@ -12,7 +12,9 @@ import Glibc
 @Suite("Tier movement", .serialized)
 struct TierMovementTests {
     /// One memory server of 32 MiB over a spill file, both with 1 MiB leases.
-    func poolOverSpill(_ dir: ScratchDirectory, _ server: MemserverProcess, tiering: String) throws -> AgentProcess {
+    func poolOverSpill(_ dir: ScratchDirectory, _ server: MemserverProcess, spill: String = "256MiB", tiering: String) throws
+        -> AgentProcess
+    {
         try AgentProcess(config: """
             [pool]
             servers = ["127.0.0.1:\(server.port)"]
@@ -21,7 +23,7 @@ struct TierMovementTests {
             io_timeout = "1s"
             [tiering]
             \(tiering)
-            """, storeCapacity: "256MiB", store: "kind = \"file\"\npath = \"\(dir.path)/spill\"\nlease_size = \"1MiB\"")
+            """, storeCapacity: spill, store: "kind = \"file\"\npath = \"\(dir.path)/spill\"\nlease_size = \"1MiB\"")
     }
 
     func rows(_ agent: AgentProcess) throws -> (server: PoolServer, spill: PoolServer) {
@@ -106,5 +108,27 @@ struct TierMovementTests {
         #expect(io.reads == 0, "pages were read from the spill file: hot leases went down (\(io), \(totals))")
         #expect(s.storedPages >= 1024, "the working set left the server: \(s.storedPages) pages there, \(totals)")
         #expect(totals["promoted_pages", default: 0] == 0, "promote = false, yet \(totals)")
+    }
+
+    /// A spill file with room for 4 leases under a server that wants everything demoted: 4 go
+    /// down, then demotion waits for room instead of failing over and over, and the region
+    /// still verifies byte-exact.
+    @Test func aFullSpillFileStopsDemotionWithoutLosingPages() throws {
+        let dir = try ScratchDirectory()
+        let server = try MemserverProcess(capacity: "32MiB", leaseSize: "1MiB")
+        let agent = try poolOverSpill(dir, server, spill: "4MiB", tiering: """
+            demote_above = 0.3
+            demote_to = 0.1
+            demote_after = "500ms"
+            """)
+        defer { agent.stop() }
+        let w = try agent.startWorkload(["--size", "24MiB", "--budget", "8MiB", "--passes", "2", "--pause", "3"])
+        let (rc, _, out) = w.finish()
+        #expect(rc == 0 && out.contains("\"failures\":0"), "\(out)")
+        let totals = try agent.status().totals
+        #expect(totals["demoted_leases", default: 0] >= 1, "\(totals)")
+        let (_, spill) = try rows(agent)
+        #expect(spill.leases <= 4, "the spill file holds \(spill.leases) leases of 1 MiB in 4 MiB")
+        #expect(totals["demotion_failures", default: 0] == 0, "demotion kept trying a full file: \(totals)")
     }
 }
