@@ -290,6 +290,7 @@ extension RemoteBackend {
             path.idle.withLock { if $0.count < 64 { $0.append(channel) } }
             return true
         } catch {
+            let qpState = channel.queuePair.state()
             channel.close()
             if error.isRemoteAccess {
                 // The key no longer reaches the lease (freed, or re-registered): forget it; TCP
@@ -304,7 +305,7 @@ extension RemoteBackend {
                 path.link.withLock { $0.channelFailed() }
                 path.logger.error("RDMA connection failed; reconnecting (this request goes over TCP)",
                                   metadata: ["fp.server": "\(name)", "fp.error": "\(error)",
-                                             "fp.qp_state": "\(channel.queuePair.state().map { "\($0)" } ?? "unknown")"])
+                                             "fp.qp_state": "\(qpState.map { "\($0)" } ?? "unknown")"])
             }
             return false
         }

@@ -202,10 +202,14 @@ struct PoolOverRDMATests {
         s.plane!.dropAllRegistrations()
         let qpsBefore = s.fabric.queuePairs.count
         #expect(Self.check(s.store, locations, seed: 5) == 0)
-        // The next request asked for the key again (a fresh registration) and went over RDMA.
-        #expect(s.fabric.registeredRegions >= 1)
+        #expect(s.fabric.registeredRegions == 0, "the failed request must not have asked for the key again")
+        // The next request asks for the key again (a fresh registration) and goes over RDMA.
+        let postedBefore = s.fabric.queuePairs.reduce(0) { $0 + $1.postedTotal }
         #expect(Self.check(s.store, locations, seed: 5) == 0)
-        #expect(s.fabric.queuePairs.count <= qpsBefore + 2)
+        #expect(s.fabric.registeredRegions == 1)
+        #expect(s.fabric.queuePairs.reduce(0) { $0 + $1.postedTotal } > postedBefore)
+        #expect(s.fabric.queuePairs.count <= qpsBefore + 1, "a remote access error is not a broken connection")
+        #expect(s.transport == "rdma")
     }
 
     /// A freed lease's region is deregistered before its memory is zeroed and lent again.
