@@ -13,6 +13,7 @@ let package = Package(
         .executable(name: "farpagectl", targets: ["farpagectl"]),
         .executable(name: "fp-workload", targets: ["fp-workload"]),
         .executable(name: "farpage-bench", targets: ["farpage-bench"]),
+        .executable(name: "fp-rdma-bench", targets: ["fp-rdma-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -113,6 +114,11 @@ let package = Package(
             ],
             path: "Benchmarks/farpage-bench",
             swiftSettings: strict),
+        // RDMA READ latency and bandwidth through the agent's queue-pair engine, next to perftest
+        // (Benchmarks/rdma-read/run.sh); needs a real RDMA device or Soft-RoCE.
+        .executableTarget(
+            name: "fp-rdma-bench", dependencies: ["FarpageRDMA", "FarpageTransport", "FarpageKernel"],
+            path: "Benchmarks/rdma-read", exclude: ["run.sh"], swiftSettings: strict),
         // Real agent and memory-server processes for the test suites.
         .target(
             name: "FarpageTestSupport",
