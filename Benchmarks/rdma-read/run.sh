@@ -25,7 +25,7 @@ echo "== perftest ib_read_lat (4 KiB, rdma_cm) on $dev"
 ib_read_lat -d "$dev" -R -s 4096 -n 2000 > "$work/lat-s.txt" 2>&1 & s=$!
 sleep 1
 ib_read_lat -d "$dev" -R -s 4096 -n 2000 "$addr" > "$work/lat-c.txt" 2>&1; wait $s
-lat=$(awk '$1 == 4096 { print $3, $6; exit }' "$work/lat-c.txt")  # t_min, t_typical (median)
+lat=$(awk '$1 == 4096 { print $3, $5; exit }' "$work/lat-c.txt")  # t_min, t_typical (median)
 echo "== perftest ib_read_bw (64 KiB, rdma_cm)"
 ib_read_bw -d "$dev" -R -s 65536 -D 2 > "$work/bw-s.txt" 2>&1 & s=$!
 sleep 1
