@@ -161,6 +161,8 @@ extension RemoteBackend {
         let endpoint: RDMAEndpoint
         do throws(TransportError) { endpoint = try backend.requestEndpoint() } catch {
             if error.kind == .restarted { throw error }
+            // A server older than RDMA_CONNECT answers `malformed` and closes that connection.
+            if error.kind != .refused(code: MemErrorCode.rdmaUnavailable.rawValue) { backend.closeAll() }
             let reason = error.kind == .refused(code: MemErrorCode.rdmaUnavailable.rawValue)
                 ? "the memory server offers no RDMA (\(error.message))" : "the memory server did not answer RDMA_CONNECT (\(error.message))"
             if settings.policy == .rdma {
