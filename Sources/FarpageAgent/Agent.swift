@@ -1,6 +1,7 @@
 import FarpageKernel
 import FarpagePaging
 import FarpagePool
+import FarpageRDMA
 import FarpageProtocol
 import FarpageTiers
 import FarpageTransport
@@ -71,6 +72,17 @@ public final class Agent: @unchecked Sendable {
                           agentName: "farpaged-\(getpid())", secret: secret,
                           ioTimeoutMilliseconds: Int32(config.poolIOTimeoutSeconds * 1000), movement: config.tierMovement,
                           logger: logger)
+        let transport = TransportPolicy(rawValue: config.poolTransport) ?? .auto
+        if transport != .tcp {
+            let rdma = SystemVerbs.probeDevices()
+            if transport == .rdma, let reason = rdma.reason {
+                throw AgentStartError("pool.transport is \"rdma\" but \(reason)", isConfiguration: true)
+            }
+            logger.info(rdma.reason == nil ? "RDMA devices found; memory servers that offer RDMA are reached over it"
+                                           : "memory servers are reached over TCP",
+                        metadata: ["fp.transport": "\(transport.rawValue)", "fp.rdma": "\(rdma.reason ?? "\(rdma)")"])
+        }
+        store.dataPlane.configure(policy: transport, logger: logger)
         budget = ResidentBudget(budgetPages: Int(config.residentBudget / page), highWatermark: config.highWatermark,
                                 lowWatermark: config.lowWatermark)
         var p = PagingPolicy()

@@ -31,6 +31,8 @@ public struct AgentConfig: Sendable, Equatable {
     public var poolSecretFile: String? = nil
     public var poolHeartbeatSeconds = 1.0
     public var poolIOTimeoutSeconds = 2.0
+    /// `[pool] transport`: "auto", "tcp" or "rdma" (see `TransportPolicy`).
+    public var poolTransport = "auto"
     public var logLevel: Logger.Level = .info
     /// [tiering]: see config/agent.toml and docs/tiering.md.
     public var prefetch = true
@@ -69,7 +71,7 @@ extension AgentConfig {
             "max_regions", "high_watermark", "low_watermark", "evict_batch", "shutdown_grace", "fault_spin_us",
         ],
         "store": ["kind", "capacity", "path", "direct_io", "lease_size"],
-        "pool": ["servers", "secret_file", "heartbeat", "io_timeout"],
+        "pool": ["servers", "secret_file", "heartbeat", "io_timeout", "transport"],
         "log": ["level"],
         "tiering": [
             "prefetch", "prefetch_window", "max_prefetch_window", "min_residence", "classify", "active_fraction",
@@ -176,6 +178,13 @@ extension AgentConfig {
                 }
                 c[keyPath: path] = d
             }
+        }
+        if let v = pool?["transport"] {
+            guard let s = v.string, ["auto", "tcp", "rdma"].contains(s) else {
+                throw ConfigError(key: "pool.transport", problem: "must be \"auto\", \"tcp\" or \"rdma\"",
+                                  fix: "e.g. transport = \"auto\" (RDMA where both sides have a device, else TCP)")
+            }
+            c.poolTransport = s
         }
         if !c.poolServers.isEmpty && c.poolSecretFile == nil {
             throw ConfigError(key: "pool.secret_file", problem: "is required when pool.servers is set",

@@ -181,6 +181,8 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     let demotionFailures = Atomic<UInt64>(0)
     let promotedPages = Atomic<UInt64>(0)
     var lastDemotionComplaint: UInt64 = 0  // pool mutex
+    /// TCP or RDMA for servers attached from now on (`[pool] transport`).
+    public let dataPlane = DataPlaneSelector()
 
     /// - Parameters:
     ///   - spillBytes: capacity of the local spill (the agent's own memory).
@@ -242,7 +244,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         let existing = state.withLock { s in s.servers.contains { $0.address == "\(host):\(port)" && $0.status != .detached } }
         if existing { throw TransportError(.refused(code: 0), "\(address) is already in the pool") }
         let backend = try RemoteBackend(host: host, port: port, agentID: agentID, agentName: agentName, secret: secret,
-                                        ioTimeoutMilliseconds: ioTimeoutMilliseconds)
+                                        ioTimeoutMilliseconds: ioTimeoutMilliseconds, dataPlane: dataPlane)
         let server = Server(backend: backend, isLocal: false, capacityBytes: backend.capacityBytes)
         state.withLock { s in
             s.servers.removeAll { $0.address == server.address && $0.status == .detached }
