@@ -280,6 +280,12 @@ field() {
     { grep -F "\"name\":\"$1\"" "$results" || true; } | tail -n 1 |
         sed -n "s/.*\"$2\":\(-\{0,1\}[0-9][0-9.eE+-]*\).*/\1/p"
 }
+# first_field NAME KEY: the same from the first such line. The kernel-swap rows: the shim's
+# NumPy benchmark runs the swap peer again later, with lines of the same names.
+first_field() {
+    { grep -F "\"name\":\"$1\"" "$results" || true; } | head -n 1 |
+        sed -n "s/.*\"$2\":\(-\{0,1\}[0-9][0-9.eE+-]*\).*/\1/p"
+}
 # calc EXPR: awk arithmetic on numbers that may be empty (then prints n/a).
 calc() { awk "BEGIN { ${1} }" 2>/dev/null || echo "n/a"; }
 ratio() { [[ -n $1 && -n $2 ]] && calc "if ($2 > 0) printf \"%.2f\", $1 / $2; else print \"n/a\"" || echo "n/a"; }
@@ -334,15 +340,15 @@ sweep_floor=$(field install_floor sweep_floor_gbps)
 mib() { [[ -n $1 ]] && calc "printf \"%.1f\", $1 / 1048576" || echo "n/a"; }
 # swap_skip MODE: why the kernel-swap row MODE was skipped, or empty.
 swap_skip() {
-    { grep -F "\"name\":\"swap_peer_$1\"" "$results" || true; } | tail -n 1 |
+    { grep -F "\"name\":\"swap_peer_$1\"" "$results" || true; } | head -n 1 |
         sed -n 's/.*"skipped":"\([^"]*\)".*/\1/p'
 }
-swap_sweep=$(field swap_peer_swapfile sweep_gbps)
-zswap_sweep=$(field swap_peer_zswap sweep_gbps)
-swap_p50=$(field swap_peer_swapfile rand_p50_us)
-swap_p99=$(field swap_peer_swapfile rand_p99_us)
-zswap_p50=$(field swap_peer_zswap rand_p50_us)
-zswap_p99=$(field swap_peer_zswap rand_p99_us)
+swap_sweep=$(first_field swap_peer_swapfile sweep_gbps)
+zswap_sweep=$(first_field swap_peer_zswap sweep_gbps)
+swap_p50=$(first_field swap_peer_swapfile rand_p50_us)
+swap_p99=$(first_field swap_peer_swapfile rand_p99_us)
+zswap_p50=$(first_field swap_peer_zswap rand_p50_us)
+zswap_p99=$(first_field swap_peer_zswap rand_p99_us)
 bpp_sparse=$(field bookkeeping_cross_cpu bytes_per_page_sparse)
 bpp_touched=$(field bookkeeping_cross_cpu bytes_per_page_touched)
 [[ -n $bpp_sparse ]] || bpp_sparse=$(field bookkeeping_same_cpu bytes_per_page_sparse)
@@ -399,20 +405,13 @@ done
 # (the better of swap file and zswap: "beats swap" must hold against both).
 echo
 row4() { printf '  %-34s %10s %10s %10s %10s\n' "$1" "$2" "$3" "$4" "$5"; }
-# best KIND A B: the better of two numbers (higher or lower), ignoring empty ones.
-best() {
-    local a=$2 b=$3
-    [[ -z $a ]] && { echo "$b"; return; }
-    [[ -z $b ]] && { echo "$a"; return; }
-    if [[ $1 == higher ]]; then calc "print ($a > $b) ? $a : $b"; else calc "print ($a < $b) ? $a : $b"; fi
-}
 # beats KIND VALUE PEER: "yes"/"NO" when VALUE is better than PEER, n/a when either is missing.
 beats() {
     [[ -n $2 && -n $3 ]] || { echo "n/a"; return; }
     if [[ $1 == higher ]]; then calc "print ($2 > $3) ? \"yes\" : \"NO\""; else calc "print ($2 < $3) ? \"yes\" : \"NO\""; fi
 }
-swap_zipf=$(field swap_peer_swapfile zipf_ops_per_s)
-zswap_zipf=$(field swap_peer_zswap zipf_ops_per_s)
+swap_zipf=$(first_field swap_peer_swapfile zipf_ops_per_s)
+zswap_zipf=$(first_field swap_peer_zswap zipf_ops_per_s)
 nvme_sweep=$(field sweep_nvme gbps)
 disk_seq=$(field disk_floor seq_read_gbps)
 echo "== 4 GiB region, 1 GiB resident budget: Farpage's far tiers next to kernel swap (same limit)"
@@ -420,21 +419,25 @@ row4 "" "pool" "NVMe" "swapfile" "zswap"
 row4 "sweep read GB/s" "$(show "$pool_sweep")" "$(show "$nvme_sweep")" "$(show "$swap_sweep")" "$(show "$zswap_sweep")"
 for m in p50 p99; do
     row4 "random 4 KiB read $m us" "$(show "$(field random_pool rand_${m}_us)")" "$(show "$(field random_nvme rand_${m}_us)")" \
-        "$(show "$(field swap_peer_swapfile rand_${m}_us)")" "$(show "$(field swap_peer_zswap rand_${m}_us)")"
+        "$(show "$(first_field swap_peer_swapfile rand_${m}_us)")" "$(show "$(first_field swap_peer_zswap rand_${m}_us)")"
 done
 row4 "Zipf 0.99 reads/s" "$(show "$(field zipf_pool ops_per_s)")" "$(show "$(field zipf_nvme ops_per_s)")" \
     "$(show "$swap_zipf")" "$(show "$zswap_zipf")"
 row4 "  Zipf hit ratio (resident)" "$(show "$(field zipf_pool hit_ratio)")" "$(show "$(field zipf_nvme hit_ratio)")" "" ""
-sw_sweep=$(best higher "$swap_sweep" "$zswap_sweep")
-sw_zipf=$(best higher "$swap_zipf" "$zswap_zipf")
-row4 "beats the better kernel swap row:" "pool" "NVMe" "" ""
-row4 "  sweep" "$(beats higher "$pool_sweep" "$sw_sweep")" "$(beats higher "$nvme_sweep" "$sw_sweep")" "" ""
+row4 "beats kernel swap? (tier vs peer)" "pool/file" "pool/zswap" "NVMe/file" "NVMe/zswap"
+# verdicts KIND POOL NVME FILE ZSWAP: the four comparisons of one row.
+verdicts() {
+    echo "$(beats "$1" "$2" "$4")" "$(beats "$1" "$2" "$5")" "$(beats "$1" "$3" "$4")" "$(beats "$1" "$3" "$5")"
+}
+read -r -a v <<<"$(verdicts higher "$pool_sweep" "$nvme_sweep" "$swap_sweep" "$zswap_sweep")"
+row4 "  sweep" "${v[@]}"
 for m in p50 p99; do
-    sw=$(best lower "$(field swap_peer_swapfile rand_${m}_us)" "$(field swap_peer_zswap rand_${m}_us)")
-    row4 "  random $m" "$(beats lower "$(field random_pool rand_${m}_us)" "$sw")" \
-        "$(beats lower "$(field random_nvme rand_${m}_us)" "$sw")" "" ""
+    read -r -a v <<<"$(verdicts lower "$(field random_pool rand_${m}_us)" "$(field random_nvme rand_${m}_us)" \
+        "$(first_field swap_peer_swapfile rand_${m}_us)" "$(first_field swap_peer_zswap rand_${m}_us)")"
+    row4 "  random $m" "${v[@]}"
 done
-row4 "  Zipf" "$(beats higher "$(field zipf_pool ops_per_s)" "$sw_zipf")" "$(beats higher "$(field zipf_nvme ops_per_s)" "$sw_zipf")" "" ""
+read -r -a v <<<"$(verdicts higher "$(field zipf_pool ops_per_s)" "$(field zipf_nvme ops_per_s)" "$swap_zipf" "$zswap_zipf")"
+row4 "  Zipf" "${v[@]}"
 row4 "transport raw GB/s (TCP bulk; fio)" "$(show "$tcp_bulk")" "$(show "$disk_seq")" "" ""
 row4 "  sweep / raw (target >= 0.5)" "$(ratio "$pool_sweep" "$tcp_bulk")" "$(ratio "$nvme_sweep" "$disk_seq")" "" ""
 row4 "  disk 4 KiB read QD1 p50 / p99 us" "$(show "$(field disk_floor rand4k_p50_us)")" "$(show "$(field disk_floor rand4k_p99_us)")" "" ""
