@@ -287,8 +287,10 @@ extension RemoteBackend {
             }
             throw error  // no_such_lease: the lease is gone; unreachable: TCP is down too
         }
+        let proven = channel.counters.batches > 0
         do throws(ChannelFailure) {
             try body(channel, key)
+            if !proven { path.link.withLock { $0.transferred() } }  // once per queue pair
             path.idle.withLock { if $0.count < 64 { $0.append(channel) } }
             return true
         } catch {
@@ -304,7 +306,9 @@ extension RemoteBackend {
                 // The connection is dead (retries exceeded, flushed, disconnected, device removed):
                 // every pooled queue pair shares its fate; the next request reconnects.
                 path.closeAll()
-                path.link.withLock { $0.channelFailed() }
+                // One that never completed a batch is a failed reconnect (backoff), so a path
+                // that connects but carries nothing does not cost a reconnect per request.
+                path.link.withLock { $0.channelFailed(proven: proven, reason: "\(error)", now: monotonicNanoseconds()) }
                 path.logger.error("RDMA connection failed; reconnecting (this request goes over TCP)",
                                   metadata: ["fp.server": "\(name)", "fp.error": "\(error)",
                                              "fp.qp_state": "\(qpState.map { "\($0)" } ?? "unknown")"])

@@ -55,6 +55,9 @@ public struct ChannelCounters: Sendable, Equatable {
     public var sleeps = 0
     /// Most work requests outstanding at once (never above the send queue depth).
     public var maxOutstanding = 0
+    /// Batches that completed in full: a queue pair with none has not yet shown that the path
+    /// carries data.
+    public var batches = 0
 }
 
 /// Runs batches of one-sided accesses on a queue pair: as many in flight as the send queue
@@ -178,6 +181,7 @@ public final class RDMAChannel: @unchecked Sendable {
                 }
             }
         }
+        counters.batches += 1
     }
 
     private func fail(_ failure: ChannelFailure) throws(ChannelFailure) -> Never {
@@ -251,14 +255,18 @@ public struct RDMALink: Sendable, Equatable {
         }
     }
 
-    /// A new channel connected.
+    /// A new channel connected. The failure count is not reset here: a path where rdma_cm
+    /// connects but no transfer completes (an MTU mismatch, a broken route) must still back off;
+    /// `transferred` resets it.
     public mutating func connected() {
         guard case .failed = state else {
             state = .connected
-            consecutiveFailures = 0
             return
         }
     }
+
+    /// A channel completed its first batch: the path carries data.
+    public mutating func transferred() { consecutiveFailures = 0 }
 
     /// Connecting a channel failed: back off (exponentially, up to the maximum) and use TCP.
     public mutating func connectFailed(reason: String, now: UInt64) {
@@ -271,8 +279,10 @@ public struct RDMALink: Sendable, Equatable {
     }
 
     /// A connected channel broke (retry exceeded, flush, disconnect, device removal): the next
-    /// request reconnects at once; if that fails too, `connectFailed` backs off.
-    public mutating func channelFailed() {
+    /// request reconnects at once; if that fails too, `connectFailed` backs off. A channel that
+    /// broke before it completed anything (`proven` false) is a failed reconnect: back off.
+    public mutating func channelFailed(proven: Bool = true, reason: String = "", now: UInt64 = 0) {
+        guard proven else { return connectFailed(reason: "no transfer completed on a new connection: \(reason)", now: now) }
         switch state {
         case .connected, .connecting: state = .reconnecting
         default: break

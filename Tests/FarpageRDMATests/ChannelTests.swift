@@ -171,8 +171,29 @@ struct LinkTests {
         for t in 0..<10 { link.connectFailed(reason: "x", now: UInt64(1000 + t)) }
         #expect(link.route(now: 1009 + 1000) == .useRDMA, "backoff is capped at the maximum")
         link.connected()
-        #expect(link.consecutiveFailures == 0)
         #expect(link.isUp)
+        link.transferred()
+        #expect(link.consecutiveFailures == 0)
+    }
+
+    /// A connection that breaks before it completed anything is a failed reconnect: the link
+    /// backs off (doubling) instead of reconnecting on every request.
+    @Test func aConnectionThatNeverCarriesDataBacksOff() {
+        var link = RDMALink(enabled: true, baseBackoffNanoseconds: 100, maxBackoffNanoseconds: 1000)
+        _ = link.route(now: 0)
+        link.connected()
+        link.transferred()
+        link.channelFailed(proven: true, reason: "retry exceeded", now: 1)
+        #expect(link.state == .reconnecting, "a connection that worked reconnects at once")
+        #expect(link.route(now: 2) == .useRDMA)
+        link.connected()
+        link.channelFailed(proven: false, reason: "retry exceeded", now: 3)
+        guard case .useTCP = link.route(now: 50) else { Issue.record("expected a backoff"); return }
+        #expect(link.route(now: 103) == .useRDMA)
+        link.connected()
+        link.channelFailed(proven: false, reason: "retry exceeded", now: 110)
+        #expect(link.route(now: 250) != .useRDMA, "the second backoff should be twice the first")
+        #expect(link.route(now: 310) == .useRDMA)
     }
 
     @Test func aRestartedServerFailsForGood() {

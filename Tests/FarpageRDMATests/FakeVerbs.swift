@@ -26,6 +26,9 @@ final class FakeFabric: @unchecked Sendable {
     /// Failures for the next connects, first first.
     var connectFailures: [VerbsError] = []
     var availability: RDMAAvailability = .devices(["fake0"])
+    /// Installed as `inject` on every queue pair made from now on (a path that connects but
+    /// cannot carry data).
+    var injectOnNewQueuePairs: ((WorkRequest) -> CompletionStatus?)? = nil
     /// Every queue pair made, in order.
     private(set) var queuePairs: [FakeQueuePair] = []
     private(set) var connects = 0
@@ -68,6 +71,7 @@ final class FakeFabric: @unchecked Sendable {
         if let failure { throw failure }
         guard let domain = pd ?? accept(privateData) else { throw VerbsError("rdma_connect", errno: ECONNREFUSED) }
         let qp = FakeQueuePair(fabric: self, pd: domain, stagingBytes: stagingBytes, sendDepth: sendDepth)
+        if let injectOnNewQueuePairs { qp.inject = injectOnNewQueuePairs }
         lock.withLock { _ in queuePairs.append(qp) }
         return qp
     }

@@ -192,6 +192,25 @@ struct PoolOverRDMATests {
         #expect(s.transport == "rdma", "the link should be up again")
     }
 
+    /// The path is broken but rdma_cm still connects (an MTU mismatch: every transfer ends in
+    /// RETRY_EXC_ERR): a reconnected queue pair that dies before moving anything is a failed
+    /// reconnect, so the agent backs off to TCP rather than reconnecting, and waiting out the
+    /// transport's retries, on every request.
+    @Test func aPathThatConnectsButCarriesNothingBacksOff() async throws {
+        let s = try await Setup()
+        defer { Task { await s.stop() } }
+        try s.store.attach(address: s.address)
+        let (locations, _) = Self.write(s.store, count: 64, seed: 4)
+        let broken: (WorkRequest) -> CompletionStatus? = { _ in .retryExceeded }
+        for qp in s.fabric.queuePairs { qp.inject = broken }
+        s.fabric.injectOnNewQueuePairs = broken
+        let before = s.fabric.connects
+        for _ in 0..<8 { #expect(Self.check(s.store, locations, seed: 4) == 0) }
+        #expect(s.fabric.connects - before <= 2, "reconnected \(s.fabric.connects - before) times within the first backoff")
+        #expect(s.transport == "tcp")
+        #expect(s.store.report().first { $0.address == s.address }?.status == .healthy)
+    }
+
     /// A key that no longer reaches its lease (remote access error) is dropped, the request is
     /// served over TCP, and the error is not retried on RDMA with the same key.
     @Test func aRemoteAccessErrorDropsTheKey() async throws {
