@@ -96,6 +96,7 @@ public final class Agent: @unchecked Sendable {
         p.classify = config.classify
         p.activeFraction = config.activeFraction
         p.migrationWindowMilliseconds = max(1, Int(config.migrationWindowSeconds * 1000))
+        p.outageWaitMilliseconds = Int(config.poolOutageWaitSeconds * 1000)
         policy = p
         do {
             zeroPage = try AnonymousMemory.map(bytes: page)
@@ -204,8 +205,12 @@ public final class Agent: @unchecked Sendable {
     /// Pings memory servers and retries configured ones that were not reachable.
     private func heartbeatLoop() {
         var last = monotonicNanoseconds()
+        // One page to read into for faults that waited for a memory server (`outage_wait`).
+        let staging = try? StagingBuffer(pages: 1)
+        if staging == nil { logger.error("no staging page for faults waiting on a memory server; they will wait out outage_wait") }
         while !stopHeartbeat.load(ordering: .relaxed) {
             usleep(50_000)
+            if let staging { for region in allRegions() { region.retryWaitingFaults(staging: staging) } }
             let now = monotonicNanoseconds()
             guard Double(now - last) / 1e9 >= config.poolHeartbeatSeconds else { continue }
             last = now
@@ -311,7 +316,7 @@ public final class Agent: @unchecked Sendable {
             "lost_pages": s.lostPages, "foreign_pages": s.foreignPages,
             "prefetch_hits": s.prefetchHits, "prefetch_wasted": s.prefetchWasted,
             "refault_activations": s.refaultActivations, "migrations": s.migrations,
-            "residence_overrides": s.residenceOverrides, "peak_page_migrations_per_window": s.peakPageMigrationsPerWindow,
+            "residence_overrides": s.residenceOverrides, "outage_waits": s.outageWaits, "peak_page_migrations_per_window": s.peakPageMigrationsPerWindow,
             "last_window_peak_page_migrations": s.lastWindowPeakMigrations,
         ]
     }

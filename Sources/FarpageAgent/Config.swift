@@ -31,6 +31,8 @@ public struct AgentConfig: Sendable, Equatable {
     public var poolSecretFile: String? = nil
     public var poolHeartbeatSeconds = 1.0
     public var poolIOTimeoutSeconds = 2.0
+    /// How long a fault waits for a memory server that stopped answering (0: not at all).
+    public var poolOutageWaitSeconds = 30.0
     /// `[pool] transport`: "auto", "tcp" or "rdma" (see `TransportPolicy`).
     public var poolTransport = "auto"
     public var logLevel: Logger.Level = .info
@@ -71,7 +73,7 @@ extension AgentConfig {
             "max_regions", "high_watermark", "low_watermark", "evict_batch", "shutdown_grace", "fault_spin_us",
         ],
         "store": ["kind", "capacity", "path", "direct_io", "lease_size"],
-        "pool": ["servers", "secret_file", "heartbeat", "io_timeout", "transport"],
+        "pool": ["servers", "secret_file", "heartbeat", "io_timeout", "transport", "outage_wait"],
         "log": ["level"],
         "tiering": [
             "prefetch", "prefetch_window", "max_prefetch_window", "min_residence", "classify", "active_fraction",
@@ -178,6 +180,13 @@ extension AgentConfig {
                 }
                 c[keyPath: path] = d
             }
+        }
+        if let v = pool?["outage_wait"] {
+            guard let s = v.string, let d = parseDuration(s), d >= 0, d <= 3600 else {
+                throw ConfigError(key: "pool.outage_wait", problem: "must be a duration of at most 1h (0s: faults do not wait)",
+                                  fix: "e.g. outage_wait = \"30s\" (the memory servers' lease_grace)")
+            }
+            c.poolOutageWaitSeconds = d
         }
         if let v = pool?["transport"] {
             guard let s = v.string, ["auto", "tcp", "rdma"].contains(s) else {

@@ -24,6 +24,8 @@ public final class RegionCounters: Sendable {
     public let migrations = Atomic<UInt64>(0)
     /// Pages evicted before their minimum residence time because the budget insisted.
     public let residenceOverrides = Atomic<UInt64>(0)
+    /// Faults that waited for an unreachable far tier to come back instead of failing.
+    public let outageWaits = Atomic<UInt64>(0)
     public init() {}
 }
 
@@ -58,6 +60,7 @@ public struct StatsSnapshot: Sendable, Codable, Equatable {
     public var refaultActivations: UInt64 = 0
     public var migrations: UInt64 = 0
     public var residenceOverrides: UInt64 = 0
+    public var outageWaits: UInt64 = 0
     /// The most moves of one page within one migration window (a maximum, not a sum).
     public var peakPageMigrationsPerWindow: UInt64 = 0
     /// The most moves of one page within the last complete window (a maximum).
@@ -99,6 +102,7 @@ public struct StatsSnapshot: Sendable, Codable, Equatable {
         s.refaultActivations = a.refaultActivations + b.refaultActivations
         s.migrations = a.migrations + b.migrations
         s.residenceOverrides = a.residenceOverrides + b.residenceOverrides
+        s.outageWaits = a.outageWaits + b.outageWaits
         s.peakPageMigrationsPerWindow = max(a.peakPageMigrationsPerWindow, b.peakPageMigrationsPerWindow)
         s.lastWindowPeakMigrations = max(a.lastWindowPeakMigrations, b.lastWindowPeakMigrations)
         return s

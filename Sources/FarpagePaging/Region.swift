@@ -47,6 +47,9 @@ public struct PagingPolicy: Sendable {
     public var activeFraction = 0.5
     /// The window over which migrations per page are counted.
     public var migrationWindowMilliseconds = 1000
+    /// How long a fault waits for a far tier that cannot be reached now but may come back (a
+    /// memory server that stopped answering) before the page is given up as lost. 0: no wait.
+    public var outageWaitMilliseconds = 30_000
     public init() {}
 }
 
@@ -115,7 +118,18 @@ public final class Region: @unchecked Sendable {
         var random = false
         /// Ranges the client unmapped (ADVISE GONE after a partial munmap), merged.
         var gone: [Range<Int>] = []
+        /// Faults waiting for their far tier to come back (pages left *fetching*, so the
+        /// client's thread stays blocked in its fault), retried by `retryWaitingFaults`.
+        var waiting: [WaitingFault] = []
     }
+    struct WaitingFault {
+        let page: Int
+        let location: PageLocation
+        let writable: Bool
+        let since: UInt64  // monotonic ns
+    }
+    /// `core.waiting.count`, readable without the lock.
+    let waitingFaults = Atomic<Int>(0)
     let core: Mutex<Core>
     /// Operations that may touch the client's range (uffd ioctls) pass through it.
     let gate = OperationGate()
@@ -185,6 +199,7 @@ public final class Region: @unchecked Sendable {
         s.refaultActivations = counters.refaultActivations.value
         s.migrations = counters.migrations.value
         s.residenceOverrides = counters.residenceOverrides.value
+        s.outageWaits = counters.outageWaits.value
         s.peakPageMigrationsPerWindow = UInt64(peakPageMigrationsPerWindow)
         s.lastWindowPeakMigrations = UInt64(lastWindowPeakMigrations)
         s.regions = 1
@@ -299,18 +314,16 @@ extension Region {
             store.submitAndWait(batch)
             if batch.errors.first.flatMap({ $0 }) == nil { break }
             attempt += 1
+            let error = batch.errors[0]!
+            // The tier is down but may come back (a memory server stopped answering; it keeps
+            // our leases through its grace period): the fault waits for it, off this thread.
+            if error.code != .lost, policy.outageWaitMilliseconds > 0, store.mayComeBack(location) {
+                wait(page: page, location: location, writable: writable, since: monotonicNanoseconds(), error: error)
+                return
+            }
             // A page gone for good is poisoned at once; one the tier cannot reach now is retried.
-            if attempt >= 3 || batch.errors[0]?.code == .lost {
-                let error = batch.errors[0]!
-                logger.error(
-                    "far tier could not return a page; poisoning it (the client gets SIGBUS on touch)",
-                    metadata: ["fp.page": "\(page)", "fp.error": "\(error)"])
-                counters.lostPages.bump()
-                core.withLock { c in
-                    PageTransitions.fetchFailed(&c.table[page])
-                    c.far -= 1
-                }
-                try? uffd.poison(address: address(ofPage: page), length: UInt64(spec.pageSize))
+            if attempt >= 3 || error.code == .lost {
+                giveUp(page: page, error: error)
                 return
             }
             // A moment before trying again (50 ms, then 100 ms), so that a connection reset or a
@@ -319,6 +332,78 @@ extension Region {
         }
         counters.fetches.bump()
         install(page: page, from: staging.page(0), writable: writable)
+    }
+
+    /// Poisons a page its far tier could not return (the client gets SIGBUS on touch).
+    private func giveUp(page: Int, error: StoreError) {
+        logger.error(
+            "far tier could not return a page; poisoning it (the client gets SIGBUS on touch)",
+            metadata: ["fp.page": "\(page)", "fp.error": "\(error)"])
+        counters.lostPages.bump()
+        core.withLock { c in
+            PageTransitions.fetchFailed(&c.table[page])
+            c.far -= 1
+        }
+        try? uffd.poison(address: address(ofPage: page), length: UInt64(spec.pageSize))
+    }
+
+    /// Leaves a fault unresolved until its far tier is back: the page stays *fetching* (other
+    /// faults on it wait too), the client's thread stays blocked in the kernel, and the fault
+    /// thread goes on serving other pages.
+    private func wait(page: Int, location: PageLocation, writable: Bool, since: UInt64, error: StoreError) {
+        let first = core.withLock { c -> Bool in
+            c.waiting.append(WaitingFault(page: page, location: location, writable: writable, since: since))
+            waitingFaults.store(c.waiting.count, ordering: .relaxed)
+            return c.waiting.count == 1
+        }
+        counters.outageWaits.bump()
+        if first {
+            logger.warning(
+                "far tier unreachable; faults on its pages wait for it to come back (up to outage_wait) instead of failing",
+                metadata: ["fp.region": "\(spec.name)", "fp.error": "\(error)"])
+        }
+    }
+
+    /// Faults waiting for their far tier: retried once it answers again, poisoned when it is
+    /// gone for good or `outageWaitMilliseconds` ran out. Call periodically (any one thread).
+    public func retryWaitingFaults(staging: StagingBuffer) {
+        guard waitingFaults.load(ordering: .relaxed) > 0, gate.enter() else { return }
+        defer { gate.leave() }
+        let waiting = core.withLock { c -> [WaitingFault] in
+            defer { c.waiting.removeAll() }
+            return c.waiting
+        }
+        var still: [WaitingFault] = []
+        let now = monotonicNanoseconds()
+        let limit = UInt64(policy.outageWaitMilliseconds) * 1_000_000
+        for w in waiting {
+            let expired = now - w.since >= limit
+            if !expired && store.mayComeBack(w.location) && !store.isReadable(w.location) {
+                still.append(w)  // not back yet
+                continue
+            }
+            let batch = PageIOBatch(kind: .read, capacity: 1)
+            batch.append(buffer: staging.page(0), location: w.location)
+            store.submitAndWait(batch)
+            if let error = batch.errors.first.flatMap({ $0 }) {
+                if !expired, error.code != .lost, store.mayComeBack(w.location) {
+                    still.append(w)
+                } else {
+                    giveUp(page: w.page, error: expired ? StoreError(error.code, "\(error.message); waited \(policy.outageWaitMilliseconds / 1000) s (outage_wait)") : error)
+                }
+                continue
+            }
+            counters.fetches.bump()
+            install(page: w.page, from: staging.page(0), writable: w.writable)
+        }
+        let left = core.withLock { c -> Int in
+            c.waiting += still
+            waitingFaults.store(c.waiting.count, ordering: .relaxed)
+            return c.waiting.count
+        }
+        if left == 0 && !waiting.isEmpty {
+            logger.notice("faults that waited for the far tier are served", metadata: ["fp.region": "\(spec.name)", "fp.faults": "\(waiting.count)"])
+        }
     }
 
     /// Installs one page with `UFFDIO_COPY` and records it resident.

@@ -1179,6 +1179,16 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         return state.withLock { _ in lease.server.status != .failed && !lease.server.permanentlyFailed && !lease.lost }
     }
 
+    /// A server that failed (stopped answering, refused connections) but did not restart, was
+    /// not removed and still holds the lease: its pages may be read again when it answers.
+    public func mayComeBack(_ location: PageLocation) -> Bool {
+        guard let (lease, _) = lease(of: location) else { return false }
+        return state.withLock { _ in
+            !lease.server.isLocal && lease.server.status == .failed && !lease.server.permanentlyFailed && !lease.server.lost
+                && !lease.lost
+        }
+    }
+
     public func release(_ locations: [PageLocation]) {
         guard !locations.isEmpty else { return }
         state.withLock { s in

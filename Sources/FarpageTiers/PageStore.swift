@@ -92,6 +92,9 @@ public protocol PageStore: AnyObject, Sendable {
     /// written again when evicted rather than only dropped: its copy cannot be read now, or
     /// the store wants it in a faster tier (promotion).
     func rewriteOnEviction(_ location: PageLocation) -> Bool
+    /// Whether the copy at `location` cannot be read now but may be later (its memory server
+    /// stopped answering and is not known to have lost it): a fault on it waits.
+    func mayComeBack(_ location: PageLocation) -> Bool
     /// Reads `batch` (kind `.read`) on the calling thread, calling `ready(k)` whenever pages
     /// `0..<k` are complete (k grows; the last call has `batch.count`), so the caller can
     /// install the first pages while later ones are still on their way. Page `i` failed when
@@ -102,6 +105,7 @@ public protocol PageStore: AnyObject, Sendable {
 extension PageStore {
     public func isReadable(_ location: PageLocation) -> Bool { true }
     public func rewriteOnEviction(_ location: PageLocation) -> Bool { !isReadable(location) }
+    public func mayComeBack(_ location: PageLocation) -> Bool { false }
 
     /// Tiers without streaming reads: the whole batch, then one `ready`.
     public func read(_ batch: PageIOBatch, chunkPages: Int, ready: (Int) -> Void) {

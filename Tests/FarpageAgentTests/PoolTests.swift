@@ -154,8 +154,39 @@ struct PoolTests {
         _ = holder.finish()
     }
 
+    /// A memory server that stops answering for longer than the agent's retries (a network
+    /// outage, a paused process): faults on its pages wait for it (the client's threads stay
+    /// blocked in their faults), and when it answers again the workload finishes byte-exact.
+    @Test func faultsWaitForAServerThatStopsAnsweringAndNoPageIsLost() throws {
+        let servers = try startServers(1)
+        let agent = try startAgent(servers)
+        defer { agent.stop() }
+        let pid = servers[0].process.processIdentifier
+        let w = try agent.startWorkload(["--size", "32MiB", "--budget", "4MiB", "--passes", "16"])
+        let deadline = Date().addingTimeInterval(60)
+        while Date() < deadline, (try agent.pool().first { $0.transport == "tcp" }?.storedPages ?? 0) < 2000 { usleep(50_000) }
+        kill(pid, SIGSTOP)
+        // Five io_timeouts: every read to it times out, the heartbeat marks it failed.
+        usleep(5_000_000)
+        let during = try agent.status()
+        let stillRunning = w.process.isRunning
+        kill(pid, SIGCONT)
+        #expect(stillRunning, "the client ended while its server was paused")
+        #expect(during.pool.first { $0.transport == "tcp" }?.status == "failed")
+        #expect(during.totals["outage_waits", default: 0] > 0, "no fault waited: \(during.totals)")
+        let (rc, _, out) = w.finish()
+        #expect(rc == 0 && out.contains("\"failures\":0"), "\(out)")
+        let after = try agent.status()
+        #expect(after.totals["lost_pages", default: 0] == 0, "\(after.totals)")
+        #expect(after.pool.first { $0.transport == "tcp" }?.status == "healthy")
+        #expect(agent.logText.contains("faults on its pages wait for it"))
+        #expect(agent.logText.contains("faults that waited for the far tier are served"))
+        #expect(!agent.logText.contains("poisoning it"))
+    }
+
     /// A memory server that dies: the agent notices, and pages that only it held are never
-    /// served as zeros — the client gets SIGBUS (poisoned pages). New evictions go elsewhere.
+    /// served as zeros. Faults on them wait (it may come back) until the operator removes the
+    /// server: then they are poisoned and the client gets SIGBUS. New evictions go elsewhere.
     @Test func aServerThatDiesIsReportedAndItsPagesArePoisonedNotZeroed() throws {
         let servers = try startServers(1)
         let agent = try startAgent(servers)
@@ -164,26 +195,26 @@ struct PoolTests {
         let deadline = Date().addingTimeInterval(30)
         while Date() < deadline, (try agent.pool().first { $0.transport == "tcp" }?.storedPages ?? 0) < 2000 { usleep(50_000) }
         kill(servers[0].process.processIdentifier, SIGKILL)
+        // The client waits on a fault (a dead server cannot be told from a silent one)...
+        while Date() < deadline, try agent.status().totals["outage_waits", default: 0] == 0 { usleep(50_000) }
+        #expect(try agent.status().totals["outage_waits", default: 0] > 0)
+        #expect(w.process.isRunning, "the client ended before the server was removed")
+        // ...until the operator removes the server: its pages are lost, the faults poisoned.
+        let row0 = try #require(try agent.pool().first { $0.transport == "tcp" })
+        #expect(row0.status == "failed")
+        #expect(agent.logText.contains("memory server failed"))
+        #expect(try agent.call(.poolRemove(address: row0.address)) == .ok(0, 0))
         let (_, reason, out) = w.finish()
         #expect(reason == .uncaughtSignal && w.process.terminationStatus == SIGBUS,
                 "the client should die of SIGBUS on a lost page, got \(reason) \(w.process.terminationStatus): \(out)")
         #expect(!out.contains("MISMATCH"), "a lost page was served with wrong contents: \(out)")
-        var status = ""
-        while Date() < deadline {
-            status = try agent.pool().first { $0.transport == "tcp" }?.status ?? ""
-            if status == "failed" { break }
-            usleep(50_000)
-        }
-        #expect(status == "failed")
-        #expect(agent.logText.contains("memory server failed"))
         #expect(agent.logText.contains("poisoning it"))
-        // The operator drops the dead server: no more heartbeats go to it.
-        let address = try #require(try agent.pool().first { $0.transport == "tcp" }?.address)
+        // The dead server, removed, gets no more heartbeats.
+        let address = row0.address
         guard case .error = try agent.call(.poolDetach(address: "127.0.0.1:1")) else {
             Issue.record("detaching an unknown server succeeded")
             return
         }
-        #expect(try agent.call(.poolRemove(address: address)) == .ok(0, 0))
         let row = try #require(try agent.pool().first { $0.address == address })
         #expect(row.status == "detached")
         let errors = row.errors
