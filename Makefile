@@ -9,6 +9,10 @@ PREFIX ?= /usr/local
 RELEASE := .build/release
 DEBUG := .build/debug
 DEB_PACKAGES := liburing-dev libibverbs-dev librdmacm-dev libxxhash-dev pkg-config util-linux python3-numpy
+# What `make test-vm` boots and runs in its guests (Debian 12's 6.1 kernel under qemu, Soft-RoCE).
+# Kept apart from DEB_PACKAGES: `make demo` and `make build` do not pull qemu.
+VM_DEB_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static cpio kmod iproute2 rdma-core \
+	ibverbs-utils ibverbs-providers rdmacm-utils perftest
 CFLAGS_LIB := -O2 -g -Wall -Wextra -Werror -fPIC -fvisibility=hidden -D_GNU_SOURCE \
 	-ISources/CFarpageClient/include -ISources/CFarpageClient -ISources/CFarpageKernel/include
 LIB_SOURCES := Sources/CFarpageClient/farpage.c Sources/CFarpageKernel/fp_kernel.c Shim/farpage_preload.c
@@ -18,7 +22,7 @@ LIB_HEADERS := Sources/CFarpageClient/include/farpage.h Sources/CFarpageClient/f
 # Swift lives outside Debian's packages; /opt/swift is where our machines keep it.
 export PATH := $(PATH):/opt/swift/usr/bin
 
-.PHONY: all deps build lib demo test bench install clean
+.PHONY: all deps vm-deps build lib demo test test-vm bench install clean
 
 all: build lib
 
@@ -34,6 +38,22 @@ deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 	@command -v $(SWIFT) >/dev/null || { echo "make: the Swift 6 toolchain is required on PATH (https://swift.org/install)" >&2; exit 1; }
+
+# The VM tests' packages. Exit status 2 (with a SKIPPED line) where they cannot be installed:
+# not root, not Debian; `make test` skips the VM tests then, `make test-vm` fails.
+vm-deps:
+	@missing=""; for p in $(VM_DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if ! command -v apt-get >/dev/null || [ ! -e /etc/debian_version ]; then \
+	    echo "SKIPPED VM tests: not a Debian system (they need Debian's packages:$$missing)" >&2; exit 2; fi; \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "SKIPPED VM tests: missing Debian packages:$$missing — run make test-vm as root so it installs them" >&2; exit 2; fi; \
+	  echo "installing (VM tests):$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
 
 build: deps
 	$(SWIFT) build -c release --static-swift-stdlib
