@@ -274,12 +274,12 @@ extension Region {
             if let plan {
                 // In a stream, the faulting page heads the fetch-ahead batch: it comes back
                 // with the first chunk, and the rest streams in behind it.
-                prefetch(from: page, demand: location, plan: plan, writable: write, staging: staging)
+                prefetch(from: page, demand: location, plan: plan, writable: write, staging: staging, thread: thread)
                 return residentPages > highPages || agentBudget.residentPages > agentBudget.highPages
             }
-            fetchAndInstall(page: page, location: location, writable: write, staging: staging)
+            fetchAndInstall(page: page, location: location, writable: write, staging: staging, thread: thread)
         case .poison:
-            do { try uffd.poison(address: pageAddress, length: UInt64(spec.pageSize)) } catch {
+            do { try uffd.poison(address: pageAddress, length: UInt64(spec.pageSize), thread: thread) } catch {
                 logger.error("poisoning a lost page failed", metadata: ["fp.error": "\(error)"])
             }
         case .wake: uffd.wake(address: pageAddress, length: UInt64(spec.pageSize))
@@ -291,7 +291,7 @@ extension Region {
         return residentPages > highPages || agentBudget.residentPages > agentBudget.highPages
     }
 
-    private func fetchAndInstall(page: Int, location: PageLocation, writable: Bool, staging: StagingBuffer) {
+    private func fetchAndInstall(page: Int, location: PageLocation, writable: Bool, staging: StagingBuffer, thread: UInt32 = 0) {
         let batch = PageIOBatch(kind: .read, capacity: 1)
         batch.append(buffer: staging.page(0), location: location)
         var attempt = 0
@@ -310,7 +310,7 @@ extension Region {
                     PageTransitions.fetchFailed(&c.table[page])
                     c.far -= 1
                 }
-                try? uffd.poison(address: address(ofPage: page), length: UInt64(spec.pageSize))
+                try? uffd.poison(address: address(ofPage: page), length: UInt64(spec.pageSize), thread: thread)
                 return
             }
             // A moment before trying again (50 ms, then 100 ms), so that a connection reset or a
@@ -383,7 +383,7 @@ extension Region {
     /// working set out).
     /// - Parameter speculative: false for pages the client declared it will use (a stream hint).
     private func prefetch(from page: Int, demand: PageLocation?, plan: StrideDetector.Issue, writable: Bool, staging: StagingBuffer,
-                          speculative: Bool = true)
+                          speculative: Bool = true, thread: UInt32 = 0)
     {
         let room = budgetPages - 1 - residentPages
         let window = max(0, min(plan.count, staging.pages - 1, room))
@@ -467,7 +467,7 @@ extension Region {
         counters.fetches.bump(UInt64(max(0, fetched - (demand != nil && !demandFailed ? 1 : 0))))
         if demandFailed, let demand {
             // The demand page alone, with its retries (and poison when it is lost).
-            fetchAndInstall(page: page, location: demand, writable: writable, staging: staging)
+            fetchAndInstall(page: page, location: demand, writable: writable, staging: staging, thread: thread)
         }
     }
 

@@ -28,3 +28,76 @@ softroce_up() {
   rdma link add rxe0 type rxe netdev dummy0 || fail "rdma link add rxe0"
   wait_for 20 "rxe0 PORT_ACTIVE" sh -c 'ibv_devinfo -d rxe0 | grep -q PORT_ACTIVE'
 }
+
+# The transport between agent and memory server: tcp (default) or rdma (FARPAGE_VM_TRANSPORT).
+TRANSPORT="${FARPAGE_VM_TRANSPORT:-tcp}"
+
+# The network the memory server listens on: dummy0 with $RDMA_ADDR; with Soft-RoCE on top for rdma.
+net_up() {
+  case "$TRANSPORT" in
+    tcp)
+      ip link add dummy0 type dummy || fail "ip link add dummy0"
+      ip addr add "$RDMA_ADDR/24" dev dummy0
+      ip link set dummy0 up ;;
+    rdma) softroce_up ;;
+    *) fail "FARPAGE_VM_TRANSPORT=$TRANSPORT: expected tcp or rdma" ;;
+  esac
+}
+
+# json FILE EXPRESSION: evaluates a Python expression over the JSON document in FILE (as j).
+json() { python3 -c 'import json, sys; j = json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2"; }
+
+# start_memserver NAME CAPACITY: starts a memory server on $RDMA_ADDR (a free port); sets
+# MEMSERVER_PID and MEMSERVER_PORT. Its log is $FARPAGE_VM_OUT/NAME.log.
+start_memserver() {
+  log="$FARPAGE_VM_OUT/$1.log"
+  [ -s "$WORK/cluster.secret" ] || { head -c 32 /dev/urandom | base64 > "$WORK/cluster.secret"; chmod 600 "$WORK/cluster.secret"; }
+  # RDMA: the transport's own listen option goes here when the rdma branch lands.
+  "$BIN/farpaged" memserver --listen "$RDMA_ADDR:0" --capacity "$2" --secret-file "$WORK/cluster.secret" \
+    --admin-socket "$WORK/$1.sock" --log-level info 2> "$log" &
+  MEMSERVER_PID=$!
+  wait_for 60 "$1 to listen" grep -q "fp.listen=$RDMA_ADDR:" "$log"
+  MEMSERVER_PORT=$(sed -n "s/.*fp.listen=$RDMA_ADDR:\([0-9]*\).*/\1/p" "$log" | head -1)
+}
+
+# start_agent: an agent whose far tier is the memory server at $MEMSERVER_PORT (and a small
+# local spill); sets AGENT_PID, AGENT_SOCKET. Extra TOML lines for [pool] come from $POOL_EXTRA.
+start_agent() {
+  AGENT_SOCKET="$WORK/agent.sock"
+  cat > "$WORK/agent.toml" <<TOML
+[agent]
+socket = "$AGENT_SOCKET"
+resident_budget = "256MiB"
+region_budget = "8MiB"
+fault_threads = 2
+[store]
+kind = "memory"
+capacity = "${SPILL_CAPACITY:-64MiB}"
+[pool]
+servers = ["$RDMA_ADDR:$MEMSERVER_PORT"]
+secret_file = "$WORK/cluster.secret"
+heartbeat = "${HEARTBEAT:-1s}"
+io_timeout = "${IO_TIMEOUT:-2s}"
+[log]
+level = "info"
+TOML
+  cp "$WORK/agent.toml" "$FARPAGE_VM_OUT/agent.toml"
+  "$BIN/farpaged" agent --config "$WORK/agent.toml" 2> "$FARPAGE_VM_OUT/agent.log" &
+  AGENT_PID=$!
+  wait_for 60 "the agent's socket" test -S "$AGENT_SOCKET"
+}
+
+# monitor_agent: every 2 s, one line of the agent's counters in $FARPAGE_VM_OUT/monitor.log
+# (the guest cannot be watched otherwise while it runs).
+monitor_agent() {
+  while sleep 2; do
+    "$BIN/farpagectl" status --json --socket "$AGENT_SOCKET" 2>/dev/null | python3 -c '
+import json, sys, time
+j = json.load(sys.stdin); t = j["totals"]
+print(time.strftime("%H:%M:%S"), "resident", j["resident_pages"], " ".join("%s=%s" % (k, t[k]) for k in
+      ("missing_faults", "fetches", "evictions", "writebacks", "lost_pages")),
+      " ".join("%s:%s" % (s["address"], s["status"]) for s in j["pool"]), flush=True)' >> "$FARPAGE_VM_OUT/monitor.log" 2>&1
+  done
+}
+
+status_json() { "$BIN/farpagectl" status --json --socket "$AGENT_SOCKET" > "$1" || fail "farpagectl status failed"; }

@@ -1,0 +1,103 @@
+#!/bin/sh
+# Farpage on Debian's 6.1 kernel with a memory server on 10.78.0.1 as its far tier.
+#  1. fp-workload writes a region 4x its resident budget and verifies it byte for byte; the
+#     agent's counters show eviction, write-back and refetch, and the server held the pages.
+#  2. The same while the memory server is paused (SIGSTOP) past the agent's io_timeout and
+#     resumed: the agent must notice (server failed), take it back when it answers (same
+#     server, same leases) and the workload must still verify.
+#  3. The same with the server's network device taken down and up.
+# FARPAGE_VM_TRANSPORT=tcp (default) or rdma selects the agent-server transport.
+. "$FARPAGE_VM_REPO/scripts/vm/guest-lib.sh"
+WORK=$(mktemp -d)
+# A request fails after io_timeout (the default, 2 s, is exceeded now and then by a busy
+# emulated guest); heartbeats every second. The break lasts well past io_timeout.
+IO_TIMEOUT=3s HEARTBEAT=1s
+PAUSE=${FARPAGE_VM_PAUSE:-8}
+# Region and budget: 4x. Small, because everything runs under emulation (~30x slower).
+SIZE=${FARPAGE_VM_REGION:-8MiB} BUDGET=${FARPAGE_VM_BUDGET:-2MiB}
+WORKLOAD_TIMEOUT=240
+trap 'kill -CONT $MEMSERVER_PID 2>/dev/null; kill $MONITOR_PID $AGENT_PID $MEMSERVER_PID 2>/dev/null; wait' EXIT
+
+step "network ($TRANSPORT)"
+net_up
+step "memory server on $RDMA_ADDR and an agent using it"
+start_memserver memserver 256MiB
+start_agent
+monitor_agent &
+MONITOR_PID=$!
+"$BIN/farpagectl" pool list --socket "$AGENT_SOCKET"
+# RDMA: when FARPAGE_VM_TRANSPORT=rdma, assert here that the pool entry's transport is rdma
+# (farpagectl pool list --json: .transport) and that the server's log shows an RDMA connection.
+
+# run_workload NAME ARGS...: fp-workload in the background (its JSON line in NAME.json).
+run_workload() {
+  name=$1; shift
+  timeout $WORKLOAD_TIMEOUT "$BIN/fp-workload" --socket "$AGENT_SOCKET" --size "$SIZE" --budget "$BUDGET" --threads 2 --json --name "$name" "$@" \
+    > "$FARPAGE_VM_OUT/$name.json" 2> "$FARPAGE_VM_OUT/$name.err" &
+  WORKLOAD_PID=$!
+}
+# check_workload NAME: it exited 0 and verified every page.
+check_workload() {
+  wait $WORKLOAD_PID; rc=$?
+  cat "$FARPAGE_VM_OUT/$1.json" "$FARPAGE_VM_OUT/$1.err"
+  [ $rc = 124 ] && fail "$1: fp-workload did not finish within ${WORKLOAD_TIMEOUT}s (a client thread blocked on a fault?)"
+  [ $rc -gt 128 ] && fail "$1: fp-workload died of signal $((rc - 128))"
+  [ $rc = 0 ] || fail "$1: fp-workload exited with status $rc"
+  [ "$(json "$FARPAGE_VM_OUT/$1.json" "j['failures']")" = 0 ] || fail "$1: pages did not verify"
+}
+
+step "1. write and verify $SIZE with a $BUDGET resident budget (4x), 2 passes"
+t0=$(date +%s)
+run_workload far-tier --passes 2 --hold 4
+# While it holds the region, the server has its pages.
+wait_for 300 "the workload's summary" test -s "$FARPAGE_VM_OUT/far-tier.json"
+"$BIN/farpagectl" pool list --json --socket "$AGENT_SOCKET" > "$WORK/pool-during.json"
+cat "$WORK/pool-during.json"
+stored=$(json "$WORK/pool-during.json" "sum(s['stored_pages'] for s in j if s['address'] == '$RDMA_ADDR:$MEMSERVER_PORT')")
+check_workload far-tier
+echo "phase 1: $(( $(date +%s) - t0 )) s; pages on the memory server at the end: $stored"
+[ "$stored" -gt 0 ] || fail "the memory server held no pages"
+f=$FARPAGE_VM_OUT/far-tier.json
+for c in evictions writebacks fetches; do
+  [ "$(json "$f" "j['$c']")" -gt 0 ] || fail "no $c: the far tier was not used"
+done
+status_json "$FARPAGE_VM_OUT/status-1.json"
+[ "$(json "$FARPAGE_VM_OUT/status-1.json" "j['totals']['lost_pages']")" = 0 ] || fail "pages were lost"
+
+# disrupt NAME BREAK RESTORE: a longer workload; once it is refetching, BREAK, wait past the
+# agent's io_timeout and a few heartbeats, RESTORE; the workload must still verify.
+disrupt() {
+  name=$1 break=$2 restore=$3
+  failed_before=$(grep -c 'memory server failed' "$FARPAGE_VM_OUT/agent.log")
+  back_before=$(grep -c 'memory server answers again' "$FARPAGE_VM_OUT/agent.log")
+  auth_before=$(grep -c 'agent authenticated' "$FARPAGE_VM_OUT/memserver.log")
+  fetches0=$(status_json "$WORK/s.json"; json "$WORK/s.json" "j['totals']['fetches']")
+  t0=$(date +%s)
+  run_workload "$name" --passes 3
+  wait_for 300 "refetches in $name" sh -c "'$BIN/farpagectl' status --json --socket '$AGENT_SOCKET' | python3 -c 'import json,sys; sys.exit(json.load(sys.stdin)[\"totals\"][\"fetches\"] < $fetches0 + 500)'"
+  echo "$name: break ($break) at $(( $(date +%s) - t0 )) s"
+  sh -c "$break"
+  sleep $PAUSE
+  "$BIN/farpagectl" pool list --socket "$AGENT_SOCKET" | tee "$FARPAGE_VM_OUT/$name-pool-broken.txt"
+  sh -c "$restore"
+  echo "$name: restored at $(( $(date +%s) - t0 )) s"
+  check_workload "$name"
+  echo "$name: workload done at $(( $(date +%s) - t0 )) s"
+  [ "$(grep -c 'memory server failed' "$FARPAGE_VM_OUT/agent.log")" -gt "$failed_before" ] \
+    || fail "$name: the agent did not notice the broken connection"
+  wait_for 20 "the agent to take the server back" sh -c "[ \$(grep -c 'memory server answers again' '$FARPAGE_VM_OUT/agent.log') -gt $back_before ]"
+  grep -q 'agent did not come back within the grace period' "$FARPAGE_VM_OUT/memserver.log" && fail "$name: the server freed the agent's leases"
+  echo "$name: memory server authenticated the agent $(( $(grep -c 'agent authenticated' "$FARPAGE_VM_OUT/memserver.log") - auth_before )) more times (reconnects)"
+  status_json "$FARPAGE_VM_OUT/status-$name.json"
+  [ "$(json "$FARPAGE_VM_OUT/status-$name.json" "j['totals']['lost_pages']")" = 0 ] || fail "$name: pages were lost"
+  [ "$(json "$FARPAGE_VM_OUT/status-$name.json" "[s['status'] for s in j['pool'] if s['address'] == '$RDMA_ADDR:$MEMSERVER_PORT'][0]")" = healthy ] \
+    || fail "$name: the memory server is not healthy again"
+}
+
+step "2. memory server paused (SIGSTOP) for $PAUSE s mid-run, past the agent's io_timeout ($IO_TIMEOUT)"
+disrupt paused "kill -STOP $MEMSERVER_PID" "kill -CONT $MEMSERVER_PID"
+
+step "3. the server's network device (dummy0) down for $PAUSE s mid-run"
+disrupt netdev "ip link set dummy0 down" "ip link set dummy0 up"
+
+echo "PASS: far tier on $(uname -r) over $TRANSPORT, with the connection broken and restored"
