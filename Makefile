@@ -39,21 +39,10 @@ deps:
 	fi
 	@command -v $(SWIFT) >/dev/null || { echo "make: the Swift 6 toolchain is required on PATH (https://swift.org/install)" >&2; exit 1; }
 
-# The VM tests' packages. Exit status 2 (with a SKIPPED line) where they cannot be installed:
-# not root, not Debian; `make test` skips the VM tests then, `make test-vm` fails.
+# The VM tests' packages (exit status 2 with a SKIPPED line where they cannot be installed:
+# not root, not Debian).
 vm-deps:
-	@missing=""; for p in $(VM_DEB_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  if ! command -v apt-get >/dev/null || [ ! -e /etc/debian_version ]; then \
-	    echo "SKIPPED VM tests: not a Debian system (they need Debian's packages:$$missing)" >&2; exit 2; fi; \
-	  if [ "$$(id -u)" != 0 ]; then \
-	    echo "SKIPPED VM tests: missing Debian packages:$$missing — run make test-vm as root so it installs them" >&2; exit 2; fi; \
-	  echo "installing (VM tests):$$missing"; \
-	  DEBIAN_FRONTEND=noninteractive apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
-	fi
+	@scripts/vm/install-deps.sh $(VM_DEB_PACKAGES)
 
 build: deps
 	$(SWIFT) build -c release --static-swift-stdlib
@@ -82,6 +71,18 @@ test: deps
 	  $(SWIFT) test --skip-build --parallel --num-workers 1 2>&1 | tee .build/test.log || { \
 	  echo; echo "==== failed tests (full log: .build/test.log) ===="; \
 	  grep -E '✘|error:|Fatal error|signal' .build/test.log | grep -v 'passed after' | head -60; exit 1; }
+	@# The VM tests, where their packages can be installed (root on Debian); otherwise a SKIPPED line.
+	@rc=0; scripts/vm/install-deps.sh $(VM_DEB_PACKAGES) || rc=$$?; \
+	if [ $$rc = 2 ]; then echo "make test: VM tests SKIPPED (see the line above)"; \
+	elif [ $$rc != 0 ]; then exit 1; \
+	else scripts/vm/test-vm.sh $(VM_SCENARIOS); fi
+
+# Boots Debian's 6.1 kernel under qemu, one boot per scenario (scripts/vm/scenarios): Soft-RoCE
+# verbs, the agent and a memory server with the connection broken mid-run, the agent on 6.1's
+# userfaultfd. docs/vm-testing.md. Needs root on Debian (it installs VM_DEB_PACKAGES).
+test-vm: deps vm-deps
+	$(SWIFT) build --build-tests
+	scripts/vm/test-vm.sh $(VM_SCENARIOS)
 
 bench: build lib
 	Benchmarks/run.sh $(RELEASE)

@@ -6,15 +6,18 @@
 #     resumed: the agent must notice (server failed), take it back when it answers (same
 #     server, same leases) and the workload must still verify.
 #  3. The same with the server's network device taken down and up.
+#  4. A pause longer than the agent's fault retries: today's agent poisons the pages faulted
+#     meanwhile (a known gap, checked as a strict expected failure).
 # FARPAGE_VM_TRANSPORT=tcp (default) or rdma selects the agent-server transport.
 . "$FARPAGE_VM_REPO/scripts/vm/guest-lib.sh"
 WORK=$(mktemp -d)
 # A request fails after io_timeout (the default, 2 s, is exceeded now and then by a busy
 # emulated guest); heartbeats every second. The break lasts well past io_timeout.
 IO_TIMEOUT=3s HEARTBEAT=1s
-PAUSE=${FARPAGE_VM_PAUSE:-8}
+PAUSE=${FARPAGE_VM_PAUSE:-5}
+LONG_PAUSE=${FARPAGE_VM_LONG_PAUSE:-15}
 # Region and budget: 4x. Small, because everything runs under emulation (~30x slower).
-SIZE=${FARPAGE_VM_REGION:-8MiB} BUDGET=${FARPAGE_VM_BUDGET:-2MiB}
+SIZE=${FARPAGE_VM_REGION:-4MiB} BUDGET=${FARPAGE_VM_BUDGET:-1MiB}
 WORKLOAD_TIMEOUT=240
 trap 'kill -CONT $MEMSERVER_PID 2>/dev/null; kill $MONITOR_PID $AGENT_PID $MEMSERVER_PID 2>/dev/null; wait' EXIT
 
@@ -48,15 +51,18 @@ check_workload() {
 
 step "1. write and verify $SIZE with a $BUDGET resident budget (4x), 2 passes"
 t0=$(date +%s)
-run_workload far-tier --passes 2 --hold 4
-# While it holds the region, the server has its pages.
-wait_for 300 "the workload's summary" test -s "$FARPAGE_VM_OUT/far-tier.json"
-"$BIN/farpagectl" pool list --json --socket "$AGENT_SOCKET" > "$WORK/pool-during.json"
-cat "$WORK/pool-during.json"
-stored=$(json "$WORK/pool-during.json" "sum(s['stored_pages'] for s in j if s['address'] == '$RDMA_ADDR:$MEMSERVER_PORT')")
+run_workload far-tier --passes 2
+# While it runs, the server holds pages.
+stored_on_server() {
+  "$BIN/farpagectl" pool list --json --socket "$AGENT_SOCKET" > "$WORK/pool.json" &&
+    json "$WORK/pool.json" "sum(s['stored_pages'] for s in j if s['address'] == '$RDMA_ADDR:$MEMSERVER_PORT')"
+}
+server_has_pages() { [ "$(stored_on_server)" -gt 100 ]; }
+wait_for 300 "pages on the memory server" server_has_pages
+echo "pages on the memory server during the run: $(stored_on_server)"
+top -b -n 1 | head -12
 check_workload far-tier
-echo "phase 1: $(( $(date +%s) - t0 )) s; pages on the memory server at the end: $stored"
-[ "$stored" -gt 0 ] || fail "the memory server held no pages"
+echo "phase 1: $(( $(date +%s) - t0 )) s"
 f=$FARPAGE_VM_OUT/far-tier.json
 for c in evictions writebacks fetches; do
   [ "$(json "$f" "j['$c']")" -gt 0 ] || fail "no $c: the far tier was not used"
@@ -64,40 +70,67 @@ done
 status_json "$FARPAGE_VM_OUT/status-1.json"
 [ "$(json "$FARPAGE_VM_OUT/status-1.json" "j['totals']['lost_pages']")" = 0 ] || fail "pages were lost"
 
-# disrupt NAME BREAK RESTORE: a longer workload; once it is refetching, BREAK, wait past the
-# agent's io_timeout and a few heartbeats, RESTORE; the workload must still verify.
+fetches_now() { status_json "$WORK/s.json" && json "$WORK/s.json" "j['totals']['fetches']"; }
+fetched_since() { [ "$(fetches_now)" -ge $(( $1 + $2 )) ]; }
+
+# disrupt NAME SECONDS BREAK RESTORE: a longer workload; once it is refetching, BREAK for
+# SECONDS, then RESTORE. Sets WORKLOAD_RC; the checks are the caller's.
 disrupt() {
-  name=$1 break=$2 restore=$3
+  name=$1 seconds=$2 break=$3 restore=$4
   failed_before=$(grep -c 'memory server failed' "$FARPAGE_VM_OUT/agent.log")
   back_before=$(grep -c 'memory server answers again' "$FARPAGE_VM_OUT/agent.log")
   auth_before=$(grep -c 'agent authenticated' "$FARPAGE_VM_OUT/memserver.log")
-  fetches0=$(status_json "$WORK/s.json"; json "$WORK/s.json" "j['totals']['fetches']")
   t0=$(date +%s)
   run_workload "$name" --passes 3
-  wait_for 300 "refetches in $name" sh -c "'$BIN/farpagectl' status --json --socket '$AGENT_SOCKET' | python3 -c 'import json,sys; sys.exit(json.load(sys.stdin)[\"totals\"][\"fetches\"] < $fetches0 + 500)'"
-  echo "$name: break ($break) at $(( $(date +%s) - t0 )) s"
+  wait_for 300 "refetches in $name" fetched_since "$(fetches_now)" 200
+  echo "$name: break ($break) for ${seconds}s at $(( $(date +%s) - t0 )) s"
   sh -c "$break"
-  sleep $PAUSE
+  sleep "$seconds"
   "$BIN/farpagectl" pool list --socket "$AGENT_SOCKET" | tee "$FARPAGE_VM_OUT/$name-pool-broken.txt"
   sh -c "$restore"
   echo "$name: restored at $(( $(date +%s) - t0 )) s"
-  check_workload "$name"
-  echo "$name: workload done at $(( $(date +%s) - t0 )) s"
+  wait $WORKLOAD_PID; WORKLOAD_RC=$?
+  cat "$FARPAGE_VM_OUT/$name.json" "$FARPAGE_VM_OUT/$name.err"
+  echo "$name: workload ended (status $WORKLOAD_RC) at $(( $(date +%s) - t0 )) s"
   [ "$(grep -c 'memory server failed' "$FARPAGE_VM_OUT/agent.log")" -gt "$failed_before" ] \
     || fail "$name: the agent did not notice the broken connection"
-  wait_for 20 "the agent to take the server back" sh -c "[ \$(grep -c 'memory server answers again' '$FARPAGE_VM_OUT/agent.log') -gt $back_before ]"
-  grep -q 'agent did not come back within the grace period' "$FARPAGE_VM_OUT/memserver.log" && fail "$name: the server freed the agent's leases"
-  echo "$name: memory server authenticated the agent $(( $(grep -c 'agent authenticated' "$FARPAGE_VM_OUT/memserver.log") - auth_before )) more times (reconnects)"
+  wait_for 30 "the agent to take the server back" sh -c "[ \$(grep -c 'memory server answers again' '$FARPAGE_VM_OUT/agent.log') -gt $back_before ]"
+  echo "$name: the agent took the same server back; it authenticated the agent $(( $(grep -c 'agent authenticated' "$FARPAGE_VM_OUT/memserver.log") - auth_before )) more times (reconnects)"
+  ! grep -q 'agent did not come back within the grace period' "$FARPAGE_VM_OUT/memserver.log" || fail "$name: the server freed the agent's leases"
   status_json "$FARPAGE_VM_OUT/status-$name.json"
-  [ "$(json "$FARPAGE_VM_OUT/status-$name.json" "j['totals']['lost_pages']")" = 0 ] || fail "$name: pages were lost"
   [ "$(json "$FARPAGE_VM_OUT/status-$name.json" "[s['status'] for s in j['pool'] if s['address'] == '$RDMA_ADDR:$MEMSERVER_PORT'][0]")" = healthy ] \
     || fail "$name: the memory server is not healthy again"
+  LOST=$(json "$FARPAGE_VM_OUT/status-$name.json" "j['totals']['lost_pages']")
 }
 
-step "2. memory server paused (SIGSTOP) for $PAUSE s mid-run, past the agent's io_timeout ($IO_TIMEOUT)"
-disrupt paused "kill -STOP $MEMSERVER_PID" "kill -CONT $MEMSERVER_PID"
+# The workload finished byte-exact and nothing was lost.
+check_recovered() {
+  [ "$WORKLOAD_RC" = 0 ] || fail "$1: fp-workload exited with status $WORKLOAD_RC$(grep -q 'poisoning it' "$FARPAGE_VM_OUT/agent.log" && echo ' (the agent poisoned pages)')"
+  [ "$(json "$FARPAGE_VM_OUT/$1.json" "j['failures']")" = 0 ] || fail "$1: pages did not verify"
+  [ "$LOST" = 0 ] || fail "$1: $LOST pages were lost"
+}
 
-step "3. the server's network device (dummy0) down for $PAUSE s mid-run"
-disrupt netdev "ip link set dummy0 down" "ip link set dummy0 up"
+step "2. memory server paused (SIGSTOP) for ${PAUSE}s mid-run, past the agent's io_timeout ($IO_TIMEOUT)"
+disrupt paused "$PAUSE" "kill -STOP $MEMSERVER_PID" "kill -CONT $MEMSERVER_PID"
+check_recovered paused
+
+step "3. the server's network device (dummy0) down for ${PAUSE}s mid-run"
+disrupt netdev "$PAUSE" "ip link set dummy0 down" "ip link set dummy0 up"
+check_recovered netdev
+
+# 4. A known gap (issue 6): a fault on a page of a failed server is retried three times
+# (each waits up to io_timeout) and then the page is poisoned, even though the server comes
+# back with it; the agent does take the same server back and the server keeps the leases.
+# Strict expected failure: when the agent learns to wait for a failed server (within the
+# server's lease grace), this phase reports XPASS and fails until it is made a plain check.
+step "4. memory server paused for ${LONG_PAUSE}s (longer than three io_timeouts): known gap, expected to fail"
+disrupt long-outage "$LONG_PAUSE" "kill -STOP $MEMSERVER_PID" "kill -CONT $MEMSERVER_PID"
+if [ "$WORKLOAD_RC" = 0 ] && [ "$LOST" = 0 ]; then
+  fail "XPASS long-outage: the workload survived a ${LONG_PAUSE}s outage; make phase 4 a plain check (check_recovered)"
+fi
+[ "$WORKLOAD_RC" = $((128 + 7)) ] || fail "long-outage: expected SIGBUS (status 135) from a poisoned page, got $WORKLOAD_RC"
+grep -q MISMATCH "$FARPAGE_VM_OUT/long-outage.json" && fail "long-outage: wrong data served"
+echo "XFAIL long-outage: $LOST pages faulted during a ${LONG_PAUSE}s outage were poisoned (client SIGBUS, no wrong data); the server came back healthy with its leases" \
+  | tee "$FARPAGE_VM_OUT/xfail"
 
 echo "PASS: far tier on $(uname -r) over $TRANSPORT, with the connection broken and restored"
