@@ -5,7 +5,7 @@
 #  2. The same while the memory server is paused (SIGSTOP) past the agent's io_timeout and
 #     resumed: the agent must notice (server failed), take it back when it answers (same
 #     server, same leases) and the workload must still verify.
-#  3. The same with the server's network device taken down and up.
+#  3. The same with the server's network device taken down (and its address away) and back.
 #  4. A pause longer than the agent's fault retries: today's agent poisons the pages faulted
 #     meanwhile (a known gap, checked as a strict expected failure).
 # FARPAGE_VM_TRANSPORT=tcp (default) or rdma selects the agent-server transport.
@@ -114,8 +114,11 @@ step "2. memory server paused (SIGSTOP) for ${PAUSE}s mid-run, past the agent's 
 disrupt paused "$PAUSE" "kill -STOP $MEMSERVER_PID" "kill -CONT $MEMSERVER_PID"
 check_recovered paused
 
-step "3. the server's network device (dummy0) down for ${PAUSE}s mid-run"
-disrupt netdev "$PAUSE" "ip link set dummy0 down" "ip link set dummy0 up"
+# Down alone is not a break for TCP: an address on a downed device stays local and reachable.
+# Without its address nothing reaches the server (and for RDMA, the rxe port goes down too).
+step "3. the server's network device (dummy0) down and its address gone for ${PAUSE}s mid-run"
+disrupt netdev "$PAUSE" "ip link set dummy0 down && ip addr flush dev dummy0" \
+  "ip addr add $RDMA_ADDR/24 dev dummy0 && ip link set dummy0 up"
 check_recovered netdev
 
 # 4. A known gap (issue 6): a fault on a page of a failed server is retried three times

@@ -1,0 +1,17 @@
+#!/bin/sh
+# The project's Swift tests on Debian's 6.1 kernel (not in the default set: slow under
+# emulation). FARPAGE_VM_SWIFT_FILTER picks them (a --filter regular expression); the default
+# covers the kernel facts and a memory server dying under a workload (the lost-page path).
+. "$FARPAGE_VM_REPO/scripts/vm/guest-lib.sh"
+filter="${FARPAGE_VM_SWIFT_FILTER:-KernelTests|aServerThatDiesIsReported}"
+bundle="$BIN/FarpagePackageTests.xctest"
+[ -x "$bundle" ] || fail "$bundle is missing: swift build --build-tests"
+export FARPAGE_BIN_DIR="$BIN"
+[ -n "${FARPAGE_LIB:-}" ] || FARPAGE_LIB="$FARPAGE_VM_REPO/.build/release/libfarpage.so"
+export FARPAGE_LIB
+step "swift tests on $(uname -r): --filter '$filter'"
+"$bundle" --testing-library swift-testing --filter "$filter" > "$FARPAGE_VM_OUT/swift-tests.log" 2>&1
+rc=$?
+grep -E '✔|✘|↷|passed after|failed after|skipped' "$FARPAGE_VM_OUT/swift-tests.log" | sed 's/\x1b\[[0-9;]*m//g'
+[ $rc = 0 ] || fail "swift tests failed (status $rc): $FARPAGE_VM_OUT/swift-tests.log"
+echo "PASS: swift tests on $(uname -r)"
