@@ -27,5 +27,5 @@ rc=$?
 echo "guest: $FARPAGE_VM_SCRIPT exited with status $rc"
 echo "$rc" > /run/vm-out/status
 sync
-umount /run/vm-out
+umount -l /run/vm-out 2>/dev/null
 busybox poweroff -f

@@ -22,6 +22,9 @@ WORKLOAD_TIMEOUT=240
 trap 'kill -CONT $MEMSERVER_PID 2>/dev/null; kill $MONITOR_PID $AGENT_PID $MEMSERVER_PID 2>/dev/null; wait' EXIT
 
 step "network ($TRANSPORT)"
+if [ "$TRANSPORT" = rdma ] && ! "$BIN/farpaged" memserver --help 2>&1 | grep -qi rdma; then
+  skip "FARPAGE_VM_TRANSPORT=rdma, but this build's farpaged has no RDMA transport"
+fi
 net_up
 step "memory server on $RDMA_ADDR and an agent using it"
 start_memserver memserver 256MiB

@@ -37,7 +37,7 @@ signal=$(json "$FARPAGE_VM_OUT/status-start.json" "j['lost_page_signal']")
 "$BIN/farpagectl" status --socket "$AGENT_SOCKET" | grep '^lost pages *sigbus_to_faulting_thread' || fail "farpagectl status does not show the fallback"
 
 step "2. the memory server dies under a workload: its pages are lost, the client gets SIGBUS"
-timeout 300 "$BIN/fp-workload" --socket "$AGENT_SOCKET" --size "$SIZE" --budget "$BUDGET" --threads 2 --passes 50 --name victim \
+SWIFT_BACKTRACE=enable=no timeout 300 "$BIN/fp-workload" --socket "$AGENT_SOCKET" --size "$SIZE" --budget "$BUDGET" --threads 2 --passes 50 --name victim \
   > "$FARPAGE_VM_OUT/victim.out" 2>&1 &
 victim=$!
 wait_for 300 "pages on the memory server" sh -c "'$BIN/farpagectl' pool list --json --socket '$AGENT_SOCKET' | python3 -c 'import json,sys; sys.exit(sum(s[\"stored_pages\"] for s in json.load(sys.stdin) if s[\"address\"] == \"$RDMA_ADDR:$MEMSERVER_PORT\") < 500)'"
