@@ -25,7 +25,7 @@ for name in "${scenarios[@]}"; do
   rc=$?
   wall=$(cat "$out/wall_seconds" 2>/dev/null || echo "?")
   case $rc in
-    0) verdict=PASS; [ -s "$out/xfail" ] && verdict="PASS, 1 XFAIL (known gap)" ;;
+    0) verdict=PASS; [ -s "$out/xfail" ] && verdict="PASS, $(wc -l < "$out/xfail") XFAIL (known gaps)" ;;
     77) verdict="SKIP ($(cat "$out/skipped" 2>/dev/null))" ;;
     3) verdict="ERROR (host setup)"; failed=1 ;;
     124) verdict="FAIL (timed out)"; failed=1 ;;

@@ -4,9 +4,11 @@
 # covers the kernel facts and a memory server dying under a workload (the lost-page path).
 . "$FARPAGE_VM_REPO/scripts/vm/guest-lib.sh"
 filter="${FARPAGE_VM_SWIFT_FILTER:-KernelTests|aServerThatDiesIsReported}"
-bundle="$BIN/FarpagePackageTests.xctest"
+# The test bundle is a debug build; its agents and memory servers are the debug binaries too.
+debug="$FARPAGE_VM_REPO/.build/debug"
+bundle="$debug/FarpagePackageTests.xctest"
 [ -x "$bundle" ] || fail "$bundle is missing: swift build --build-tests"
-export FARPAGE_BIN_DIR="$BIN"
+export FARPAGE_BIN_DIR="$debug"
 [ -n "${FARPAGE_LIB:-}" ] || FARPAGE_LIB="$FARPAGE_VM_REPO/.build/release/libfarpage.so"
 export FARPAGE_LIB
 step "swift tests on $(uname -r): --filter '$filter'"
