@@ -28,7 +28,7 @@ all: build lib
 
 # Install missing Debian packages: one `apt-get update`, then `apt-get install`.
 deps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
+	@missing=""; for p in $(DEB_PACKAGES) $(EXTRA_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -88,6 +88,8 @@ vm-run:
 	$(SWIFT) build -c release --static-swift-stdlib
 	FARPAGE_BIN_DIR=$(CURDIR)/$(RELEASE) scripts/vm/test-vm.sh $(VM_SCENARIOS)
 
+# fio measures the disk the NVMe tier is compared with (installed only for the benchmark).
+bench: EXTRA_PACKAGES := fio
 bench: build lib
 	Benchmarks/run.sh $(RELEASE)
 

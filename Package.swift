@@ -13,6 +13,7 @@ let package = Package(
         .executable(name: "farpagectl", targets: ["farpagectl"]),
         .executable(name: "fp-workload", targets: ["fp-workload"]),
         .executable(name: "farpage-bench", targets: ["farpage-bench"]),
+        .executable(name: "fp-rdma-bench", targets: ["fp-rdma-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -33,6 +34,12 @@ let package = Package(
         // io_uring through liburing (Debian's liburing-dev), behind an opaque handle, and the
         // spill file's kernel calls. Returns >= 0 or -errno.
         .target(name: "CFarpageUring", cSettings: cGNU, linkerSettings: [.linkedLibrary("uring")]),
+        // RDMA verbs (libibverbs) and connection management (librdmacm) behind opaque handles
+        // (Debian's libibverbs-dev, librdmacm-dev). Returns >= 0 or -errno.
+        .target(name: "CFarpageVerbs", cSettings: cGNU, linkerSettings: [.linkedLibrary("ibverbs"), .linkedLibrary("rdmacm")]),
+        // The RDMA data path: typed verbs, a queue pair's batches with selective signalling, the
+        // connection state machine (shared by memserver and agent; tested with fake verbs).
+        .target(name: "FarpageRDMA", dependencies: ["CFarpageVerbs", "FarpageKernel"], swiftSettings: strict),
         // The memory-server protocol and its authentication (shared by memserver and agent).
         .target(
             name: "FarpageTransport",
@@ -42,7 +49,7 @@ let package = Package(
         .target(
             name: "FarpageMemserver",
             dependencies: [
-                "FarpageTransport", "FarpageKernel", "FarpageProtocol", "CFarpageChecksum",
+                "FarpageTransport", "FarpageKernel", "FarpageProtocol", "CFarpageChecksum", "FarpageRDMA",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -59,7 +66,7 @@ let package = Package(
             name: "FarpagePool",
             dependencies: [
                 "FarpageTiers", "FarpageTransport", "FarpageProtocol", "FarpageKernel", "CFarpageChecksum", "CFarpageUring",
-                .product(name: "Logging", package: "swift-log"),
+                "FarpageRDMA", .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
         // The paging engine: page table, page state machine, fault service, eviction.
@@ -72,7 +79,7 @@ let package = Package(
             name: "FarpageAgent",
             dependencies: [
                 "FarpageKernel", "FarpagePaging", "FarpageTiers", "FarpageProtocol", "FarpagePool", "FarpageTransport",
-                .product(name: "Logging", package: "swift-log"),
+                "FarpageRDMA", .product(name: "Logging", package: "swift-log"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
@@ -107,6 +114,11 @@ let package = Package(
             ],
             path: "Benchmarks/farpage-bench",
             swiftSettings: strict),
+        // RDMA READ latency and bandwidth through the agent's queue-pair engine, next to perftest
+        // (Benchmarks/rdma-read/run.sh); needs a real RDMA device or Soft-RoCE.
+        .executableTarget(
+            name: "fp-rdma-bench", dependencies: ["FarpageRDMA", "FarpageTransport", "FarpageKernel"],
+            path: "Benchmarks/rdma-read", exclude: ["run.sh"], swiftSettings: strict),
         // Real agent and memory-server processes for the test suites.
         .target(
             name: "FarpageTestSupport",
@@ -119,6 +131,12 @@ let package = Package(
                 "FarpageMemserver", "FarpageTransport", "FarpageKernel", "FarpageProtocol", "CFarpageChecksum", "FarpageTestSupport",
             ]),
         .testTarget(name: "FarpagePagingTests", dependencies: ["FarpagePaging", "FarpageTiers"]),
+        .testTarget(
+            name: "FarpageRDMATests",
+            dependencies: [
+                "FarpageRDMA", "FarpageTransport", "FarpagePool", "FarpageMemserver", "FarpageKernel", "FarpageTestSupport",
+                "CFarpageChecksum", .product(name: "Logging", package: "swift-log"),
+            ]),
         .testTarget(
             name: "FarpageAgentTests",
             dependencies: [

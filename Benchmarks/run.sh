@@ -175,8 +175,9 @@ EOF
 echo "== farpage-bench, pool: agent and 2 memory servers on CPU $((($(nproc) > 1) ? 1 : 0)), client on CPU 0"
 start_agent "$((($(nproc) > 1) ? 1 : 0))"
 # The issue's shape: a 4 GiB region with a 1 GiB resident budget.
-taskset -c 0 "$bin/farpage-bench" --socket "$sock" --label pool --json-only --evicting-faults 5000 \
-    --region-pages 1048576 --budget-pages 262144 |
+# The issue-5 rows: uniform random reads and Zipf reads after the sweep, as the swap peer.
+tier_rows=(--region-pages 1048576 --budget-pages 262144 --random-reads 30000 --zipf-ops 1000000)
+taskset -c 0 "$bin/farpage-bench" --socket "$sock" --label pool --json-only --evicting-faults 5000 "${tier_rows[@]}" |
     tee -a "$results" || bench_rc=$?
 stop_agent
 ms_rss_kib=0
@@ -188,6 +189,70 @@ for pid in "${pool_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
 pool_pids=()
 printf '{"name":"memserver_memory","rss_kib_total":%s}\n' "$ms_rss_kib" | tee -a "$results"
 
+# --- 3b'. the NVMe tier: a spill file as the only far tier --------------------------------
+# The same rows with no memory server: every far page in a spill file on the repository's
+# disk (bench-results/, the disk the swap peer's swap file goes to), read and written with
+# io_uring and O_DIRECT. Its peer floor is what fio reads from a file on that disk.
+spill_dir=$(mktemp -d "$results_dir/nvme.XXXXXX")
+spill_fs=$(stat -f -c %T "$spill_dir")
+case $spill_fs in
+tmpfs | ramfs | overlayfs | overlay)
+    printf '{"name":"sweep_nvme","skipped":"%s is on %s, not a disk; run make bench from a checkout on local storage"}\n' \
+        "$results_dir" "$spill_fs" | tee -a "$results"
+    ;;
+*)
+    if command -v fio >/dev/null; then
+        echo "== disk floor: fio on $spill_fs ($results_dir), O_DIRECT, io_uring"
+        # Sequential 256 KiB reads 8 deep (what a sweep can at best get) and 4 KiB random reads
+        # one at a time (what a single fault can at best get), on a 1 GiB file.
+        fio_json() {
+            fio --name=floor --filename="$spill_dir/fio.dat" --size=1G --direct=1 --ioengine=io_uring \
+                --output-format=json "$@" 2>/dev/null
+        }
+        seq_json=$(fio_json --rw=read --bs=256k --iodepth=8 --loops=2) || seq_json=
+        rand_json=$(fio_json --rw=randread --bs=4k --iodepth=1 --runtime=5 --time_based) || rand_json=
+        python3 - "$seq_json" "$rand_json" <<'PY' | tee -a "$results"
+import json, sys
+try:
+    seq = json.loads(sys.argv[1])["jobs"][0]["read"]
+    rnd = json.loads(sys.argv[2])["jobs"][0]["read"]
+    pct = rnd["clat_ns"]["percentile"]
+    print(json.dumps({"name": "disk_floor", "seq_read_gbps": round(seq["bw_bytes"] / 1e9, 3),
+                      "rand4k_p50_us": round(pct["50.000000"] / 1000, 2), "rand4k_p99_us": round(pct["99.000000"] / 1000, 2)},
+                     separators=(",", ":")))
+except Exception as e:
+    print(json.dumps({"name": "disk_floor", "skipped": "fio gave no usable result: %s" % e}, separators=(",", ":")))
+PY
+        rm -f "$spill_dir/fio.dat"
+    else
+        printf '{"name":"disk_floor","skipped":"fio is not installed (make bench installs it as root)"}\n' | tee -a "$results"
+    fi
+    cp "$tmp/agent.toml" "$tmp/agent-pool.toml"
+    cat >"$tmp/agent.toml" <<EOF
+[agent]
+socket = "$sock"
+resident_budget = "2GiB"
+region_budget = "64MiB"
+max_region_size = "1TiB"
+high_watermark = 0.9
+low_watermark = 0.7
+[store]
+kind = "file"
+path = "$(cd "$spill_dir" && pwd)/spill"
+capacity = "5GiB"
+[log]
+level = "warning"
+EOF
+    echo "== farpage-bench, NVMe: agent on CPU $((($(nproc) > 1) ? 1 : 0)), client on CPU 0, spill file on $spill_fs"
+    start_agent "$((($(nproc) > 1) ? 1 : 0))"
+    taskset -c 0 "$bin/farpage-bench" --socket "$sock" --label nvme --json-only --evicting-faults 5000 "${tier_rows[@]}" |
+        tee -a "$results" || bench_rc=$?
+    stop_agent
+    cp "$tmp/agent-pool.toml" "$tmp/agent.toml"
+    ;;
+esac
+rm -rf "$spill_dir"
+
 # --- 3c. a memory server's own cost ---------------------------------------------------
 # One server lending 4 GiB, 2 GiB of pages written into it through an agent; its memory
 # beyond the pages (and their checksums) is the overhead.
@@ -197,7 +262,7 @@ echo "== memory server overhead: 2 GiB stored, 4 GiB capacity"
 # --- 3d. the peer: kernel swap under the same memory limit ----------------------------
 # What a user gets without Farpage: the buffer in a memory cgroup limited to the resident
 # budget, the rest swapped (to a swap file on the repository's disk, then with zswap).
-${CC:-gcc} -O2 -Wall -Wextra -o "$bin/swap_peer" "$here/swap-peer/swap_peer.c"
+${CC:-gcc} -O2 -Wall -Wextra -o "$bin/swap_peer" "$here/swap-peer/swap_peer.c" -lm
 echo "== kernel swap peer: 4 GiB buffer, memory cgroup limited to 1 GiB"
 SWAP_PEER=$bin/swap_peer "$here/swap-peer/run.sh" 4GiB 1GiB | tee -a "$results" ||
     echo "run.sh: the swap peer failed (exit $?); its rows are missing" >&2
@@ -213,6 +278,12 @@ fi
 # field NAME KEY: the number KEY of the JSON line whose name is NAME, or empty.
 field() {
     { grep -F "\"name\":\"$1\"" "$results" || true; } | tail -n 1 |
+        sed -n "s/.*\"$2\":\(-\{0,1\}[0-9][0-9.eE+-]*\).*/\1/p"
+}
+# first_field NAME KEY: the same from the first such line. The kernel-swap rows: the shim's
+# NumPy benchmark runs the swap peer again later, with lines of the same names.
+first_field() {
+    { grep -F "\"name\":\"$1\"" "$results" || true; } | head -n 1 |
         sed -n "s/.*\"$2\":\(-\{0,1\}[0-9][0-9.eE+-]*\).*/\1/p"
 }
 # calc EXPR: awk arithmetic on numbers that may be empty (then prints n/a).
@@ -269,15 +340,15 @@ sweep_floor=$(field install_floor sweep_floor_gbps)
 mib() { [[ -n $1 ]] && calc "printf \"%.1f\", $1 / 1048576" || echo "n/a"; }
 # swap_skip MODE: why the kernel-swap row MODE was skipped, or empty.
 swap_skip() {
-    { grep -F "\"name\":\"swap_peer_$1\"" "$results" || true; } | tail -n 1 |
+    { grep -F "\"name\":\"swap_peer_$1\"" "$results" || true; } | head -n 1 |
         sed -n 's/.*"skipped":"\([^"]*\)".*/\1/p'
 }
-swap_sweep=$(field swap_peer_swapfile sweep_gbps)
-zswap_sweep=$(field swap_peer_zswap sweep_gbps)
-swap_p50=$(field swap_peer_swapfile rand_p50_us)
-swap_p99=$(field swap_peer_swapfile rand_p99_us)
-zswap_p50=$(field swap_peer_zswap rand_p50_us)
-zswap_p99=$(field swap_peer_zswap rand_p99_us)
+swap_sweep=$(first_field swap_peer_swapfile sweep_gbps)
+zswap_sweep=$(first_field swap_peer_zswap sweep_gbps)
+swap_p50=$(first_field swap_peer_swapfile rand_p50_us)
+swap_p99=$(first_field swap_peer_swapfile rand_p99_us)
+zswap_p50=$(first_field swap_peer_zswap rand_p50_us)
+zswap_p99=$(first_field swap_peer_zswap rand_p99_us)
 bpp_sparse=$(field bookkeeping_cross_cpu bytes_per_page_sparse)
 bpp_touched=$(field bookkeeping_cross_cpu bytes_per_page_touched)
 [[ -n $bpp_sparse ]] || bpp_sparse=$(field bookkeeping_same_cpu bytes_per_page_sparse)
@@ -329,6 +400,47 @@ for mode in swapfile zswap; do
     reason=$(swap_skip "$mode")
     [[ -z $reason ]] || echo "  kernel swap, $mode: skipped: $reason"
 done
+
+# The issue-5 rows: a 4 GiB region at a 1 GiB budget on each far tier, next to kernel swap
+# (the better of swap file and zswap: "beats swap" must hold against both).
+echo
+row4() { printf '  %-34s %10s %10s %10s %10s\n' "$1" "$2" "$3" "$4" "$5"; }
+# beats KIND VALUE PEER: "yes"/"NO" when VALUE is better than PEER, n/a when either is missing.
+beats() {
+    [[ -n $2 && -n $3 ]] || { echo "n/a"; return; }
+    if [[ $1 == higher ]]; then calc "print ($2 > $3) ? \"yes\" : \"NO\""; else calc "print ($2 < $3) ? \"yes\" : \"NO\""; fi
+}
+swap_zipf=$(first_field swap_peer_swapfile zipf_ops_per_s)
+zswap_zipf=$(first_field swap_peer_zswap zipf_ops_per_s)
+nvme_sweep=$(field sweep_nvme gbps)
+disk_seq=$(field disk_floor seq_read_gbps)
+echo "== 4 GiB region, 1 GiB resident budget: Farpage's far tiers next to kernel swap (same limit)"
+row4 "" "pool" "NVMe" "swapfile" "zswap"
+row4 "sweep read GB/s" "$(show "$pool_sweep")" "$(show "$nvme_sweep")" "$(show "$swap_sweep")" "$(show "$zswap_sweep")"
+for m in p50 p99; do
+    row4 "random 4 KiB read $m us" "$(show "$(field random_pool rand_${m}_us)")" "$(show "$(field random_nvme rand_${m}_us)")" \
+        "$(show "$(first_field swap_peer_swapfile rand_${m}_us)")" "$(show "$(first_field swap_peer_zswap rand_${m}_us)")"
+done
+row4 "Zipf 0.99 reads/s" "$(show "$(field zipf_pool ops_per_s)")" "$(show "$(field zipf_nvme ops_per_s)")" \
+    "$(show "$swap_zipf")" "$(show "$zswap_zipf")"
+row4 "  Zipf hit ratio (resident)" "$(show "$(field zipf_pool hit_ratio)")" "$(show "$(field zipf_nvme hit_ratio)")" "" ""
+row4 "beats kernel swap? (tier vs peer)" "pool/file" "pool/zswap" "NVMe/file" "NVMe/zswap"
+# verdicts KIND POOL NVME FILE ZSWAP: the four comparisons of one row.
+verdicts() {
+    echo "$(beats "$1" "$2" "$4")" "$(beats "$1" "$2" "$5")" "$(beats "$1" "$3" "$4")" "$(beats "$1" "$3" "$5")"
+}
+read -r -a v <<<"$(verdicts higher "$pool_sweep" "$nvme_sweep" "$swap_sweep" "$zswap_sweep")"
+row4 "  sweep" "${v[@]}"
+for m in p50 p99; do
+    read -r -a v <<<"$(verdicts lower "$(field random_pool rand_${m}_us)" "$(field random_nvme rand_${m}_us)" \
+        "$(first_field swap_peer_swapfile rand_${m}_us)" "$(first_field swap_peer_zswap rand_${m}_us)")"
+    row4 "  random $m" "${v[@]}"
+done
+read -r -a v <<<"$(verdicts higher "$(field zipf_pool ops_per_s)" "$(field zipf_nvme ops_per_s)" "$swap_zipf" "$zswap_zipf")"
+row4 "  Zipf" "${v[@]}"
+row4 "transport raw GB/s (TCP bulk; fio)" "$(show "$tcp_bulk")" "$(show "$disk_seq")" "" ""
+row4 "  sweep / raw (target >= 0.5)" "$(ratio "$pool_sweep" "$tcp_bulk")" "$(ratio "$nvme_sweep" "$disk_seq")" "" ""
+row4 "  disk 4 KiB read QD1 p50 / p99 us" "$(show "$(field disk_floor rand4k_p50_us)")" "$(show "$(field disk_floor rand4k_p99_us)")" "" ""
 
 np_local=$(field shim_numpy_summary local_s)
 np_shim=$(field shim_numpy_summary shim_s)

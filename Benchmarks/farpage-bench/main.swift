@@ -5,6 +5,8 @@
 //   store_fault           latency of a read fault on a page held by the far store, no eviction running
 //   store_fault_evicting  the same for random far pages while the evictor runs
 //   sweep                 sequential read of the whole region, GB/s (and the fill rate of the first write)
+//   random                uniform random 4 KiB reads, each timed (--random-reads; the swap peer's rows)
+//   zipf                  Zipf-distributed reads (theta 0.99), reads per second (--zipf-ops)
 //
 // Every page read is checked against the stamp written into it; any mismatch, or a
 // measurement that could not run, makes the exit status non-zero.
@@ -39,6 +41,12 @@ struct FarpageBench: ParsableCommand {
     @Option(help: "Faults timed while eviction runs.")
     var evictingFaults: Int = 20000
 
+    @Option(help: "Uniform random 4 KiB reads timed after the sweep, as the swap peer does (0: none).")
+    var randomReads: Int = 0
+
+    @Option(help: "Zipf-distributed reads (theta 0.99) timed for throughput after a fifth as many untimed (0: none).")
+    var zipfOps: Int = 0
+
     @Option(help: "Suffix for the JSON line names, e.g. same_cpu (names the CPU placement of the run).")
     var label: String = ""
 
@@ -52,6 +60,7 @@ struct FarpageBench: ParsableCommand {
             throw ValidationError("--region-pages must be at least twice --budget-pages")
         }
         guard evictingFaults > 0 else { throw ValidationError("--evicting-faults must be positive") }
+        guard randomReads >= 0, zipfOps >= 0 else { throw ValidationError("--random-reads and --zipf-ops cannot be negative") }
     }
 
     func run() throws {
@@ -68,7 +77,8 @@ struct FarpageBench: ParsableCommand {
             bench.note("bookkeeping skipped: no --agent-pid")
         }
         bench.attempt("store") {
-            try $0.storeMeasurements(regionPages: regionPages, budgetPages: budgetPages, evictingFaults: evictingFaults)
+            try $0.storeMeasurements(regionPages: regionPages, budgetPages: budgetPages, evictingFaults: evictingFaults,
+                                     randomReads: randomReads, zipfOps: zipfOps)
         }
 
         if !jsonOnly { bench.printTable() }
@@ -104,7 +114,9 @@ struct Bench {
 
     // MARK: store_fault, store_fault_evicting, sweep
 
-    mutating func storeMeasurements(regionPages: Int, budgetPages: Int, evictingFaults: Int) throws {
+    mutating func storeMeasurements(regionPages: Int, budgetPages: Int, evictingFaults: Int, randomReads: Int = 0,
+                                    zipfOps: Int = 0) throws
+    {
         let region = try Region(pages: regionPages, budgetPages: budgetPages, name: "bench-store")
         defer { region.free() }
 
@@ -125,6 +137,8 @@ struct Bench {
         try storeFault(region)
         try storeFaultEvicting(region, faults: evictingFaults)
         try sweep(region, fillSeconds: fillSeconds)
+        if randomReads > 0 { try random(region, reads: randomReads) }
+        if zipfOps > 0 { try zipf(region, ops: zipfOps) }
     }
 
     /// Polls the region's counters every 10 ms until resident <= fraction * budget, or until
@@ -247,6 +261,70 @@ struct Bench {
         emit(line)
         rows.append(("sweep read GB/s", fixed(gbps, 3)))
         rows.append(("first write (fill) GB/s", fixed(fillGbps, 3)))
+    }
+
+    /// What `swap_peer` measures after its sweep: one word of uniformly random pages (the
+    /// same pages: the same generator and seed), each timed, with no hint to the agent.
+    mutating func random(_ region: Region, reads: Int) throws {
+        _ = farpage_advise(region.base, region.bytes, FARPAGE_ADVISE_NORMAL)
+        let before = try region.stats()
+        var all = Latency()
+        var far = Latency()
+        var rng = SplitMix64(seed: 1)
+        for _ in 0..<reads {
+            let page = Int(rng.next() % UInt64(region.pages))
+            let resident = try region.isResident(page)
+            let (ns, ok) = region.timedRead(page)
+            if !ok { throw BenchError("random: page \(page) has a wrong stamp (\(region.describe(page)))") }
+            all.record(ns)
+            if !resident { far.record(ns) }
+        }
+        let after = try region.stats()
+        var line = JSONLine(name: "random")
+        line.add("reads", reads)
+        line.add("rand_p50_us", all.us(50))
+        line.add("rand_p99_us", all.us(99))
+        line.add("rand_mean_us", all.meanUs)
+        line.add("faulted", far.count)
+        line.add("fault_p50_us", far.us(50))
+        line.add("fault_p99_us", far.us(99))
+        line.add("fetches", Int(after.fetches) - Int(before.fetches))
+        line.add("prefetched", Int(after.prefetched_pages) - Int(before.prefetched_pages))
+        emit(line)
+        rows.append(("random 4 KiB read p50 / p99 / mean", all.summary))
+    }
+
+    /// Reads per second of a Zipf-skewed stream (theta 0.99, the YCSB default; page ranks
+    /// scattered over the region), as `swap_peer --zipf-ops` does: the hot pages should stay
+    /// resident and the rest come from the far tier.
+    mutating func zipf(_ region: Region, ops: Int) throws {
+        _ = farpage_advise(region.base, region.bytes, FARPAGE_ADVISE_NORMAL)
+        let zipf = Zipf(pages: region.pages, theta: 0.99)
+        var rng = SplitMix64(seed: 2)
+        let warmup = ops / 5
+        var before = try region.stats()
+        var start: UInt64 = 0
+        for i in 0..<(warmup + ops) {
+            if i == warmup {
+                before = try region.stats()
+                start = monotonicNanoseconds()
+            }
+            let page = zipf.page(&rng)
+            if !region.verifyStamp(page) { throw BenchError("zipf: page \(page) has a wrong stamp (\(region.describe(page)))") }
+        }
+        let seconds = Double(monotonicNanoseconds() - start) / 1e9
+        let after = try region.stats()
+        let faults = Int(after.missing_faults) - Int(before.missing_faults)
+        var line = JSONLine(name: "zipf")
+        line.add("ops", ops)
+        line.add("theta", 0.99)
+        line.add("seconds", seconds, digits: 4)
+        line.add("ops_per_s", Double(ops) / seconds, digits: 0)
+        line.add("faults", faults)
+        line.add("hit_ratio", 1 - Double(faults) / Double(ops), digits: 4)
+        line.add("fetches", Int(after.fetches) - Int(before.fetches))
+        emit(line)
+        rows.append(("zipf reads/s (theta 0.99)", fixed(Double(ops) / seconds, 0)))
     }
 
     // MARK: bookkeeping
@@ -527,5 +605,41 @@ struct SplitMix64: RandomNumberGenerator {
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
         return z ^ (z >> 31)
+    }
+}
+
+/// Zipf-distributed page numbers, the YCSB generator (Gray et al., "Quickly generating
+/// billion-record synthetic databases"): rank 0 is the most popular. Ranks are scattered over
+/// the region by a multiplicative hash, as in swap_peer.c (the same constants).
+struct Zipf {
+    let n: Int
+    let theta: Double
+    let alpha: Double
+    let zetaN: Double
+    let eta: Double
+    let firstTwo: Double
+
+    init(pages: Int, theta: Double) {
+        n = pages
+        self.theta = theta
+        var z = 0.0
+        for i in 1...pages { z += 1 / pow(Double(i), theta) }
+        zetaN = z
+        let zeta2 = 1 + 1 / pow(2, theta)
+        alpha = 1 / (1 - theta)
+        eta = (1 - pow(2 / Double(pages), 1 - theta)) / (1 - zeta2 / zetaN)
+        firstTwo = 1 + pow(0.5, theta)
+    }
+
+    func rank(_ u: Double) -> Int {
+        let uz = u * zetaN
+        if uz < 1 { return 0 }
+        if uz < firstTwo { return 1 }
+        return min(n - 1, Int(Double(n) * pow(eta * u - eta + 1, alpha)))
+    }
+
+    func page(_ rng: inout SplitMix64) -> Int {
+        let u = Double(rng.next() >> 11) * 0x1p-53
+        return Int((UInt64(rank(u)) &* 0x9E37_79B9_7F4A_7C15) % UInt64(n))
     }
 }

@@ -20,6 +20,7 @@
 #   SWAP_PEER        a built swap_peer (default: built into a temporary directory)
 #   SWAP_PEER_DIR    where the swap file goes (default: bench-results/ of the repository)
 #   SWAP_PEER_READS  random reads timed (default 30000)
+#   SWAP_PEER_ZIPF_OPS  Zipf reads timed for throughput (default 1000000; 0 skips them)
 #   SWAP_PEER_FILL   page contents: half (default), random or sparse (see swap_peer.c)
 #   SWAP_PEER_TIMEOUT  seconds one row may take before it is killed (default 300)
 #   SWAP_PEER_COMMAND  a shell command run in the cgroup instead of swap_peer; it must print
@@ -50,6 +51,7 @@ if ((limit >= size)); then
     exit 2
 fi
 reads=${SWAP_PEER_READS:-30000}
+zipf_ops=${SWAP_PEER_ZIPF_OPS:-1000000}
 fill=${SWAP_PEER_FILL:-half}
 row_timeout=${SWAP_PEER_TIMEOUT:-300}
 read -r -a modes <<<"${SWAP_PEER_MODES:-swapfile zswap}"
@@ -159,7 +161,7 @@ peer=${SWAP_PEER:-}
 tmp=$(mktemp -d "$dir/swap-peer.XXXXXX")
 if [[ -z $peer && -z ${SWAP_PEER_COMMAND:-} ]]; then
     peer=$tmp/swap_peer
-    ${CC:-gcc} -O2 -Wall -Wextra -o "$peer" "$here/swap_peer.c"
+    ${CC:-gcc} -O2 -Wall -Wextra -o "$peer" "$here/swap_peer.c" -lm
 fi
 
 swapfile=$tmp/swapfile
@@ -197,7 +199,7 @@ run_row() {
             timeout "$row_timeout" sh -c "$SWAP_PEER_COMMAND" >"$out" 2>"$err" &
     else
         sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' sh "$cgroup" \
-            timeout "$row_timeout" "$peer" --size "$size" --reads "$reads" --fill "$fill" --mode "$1" >"$out" 2>"$err" &
+            timeout "$row_timeout" "$peer" --size "$size" --reads "$reads" --zipf-ops "$zipf_ops" --fill "$fill" --mode "$1" >"$out" 2>"$err" &
     fi
     peer_pid=$!
     wait "$peer_pid" || rc=$?

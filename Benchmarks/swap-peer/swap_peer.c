@@ -12,13 +12,18 @@
  *   3. random: read one word of uniformly random pages (seeded), timed with
  *      clock_gettime around the load, and check the whole page afterwards
  *      (untimed). mincore(2) before each read (untimed) says whether the page
- *      was resident, so the latency of the reads that faulted is reported too.
+ *      was resident, so the latency of the reads that faulted is reported too;
+ *   4. zipf: --zipf-ops reads of Zipf-distributed pages (theta 0.99, the YCSB
+ *      generator, ranks scattered by a multiplicative hash; the same generator,
+ *      seed and constants as farpage-bench's zipf row) after a fifth as many
+ *      untimed: reads per second, and the major faults they took (getrusage).
  *
- * Usage: swap_peer [--size SIZE] [--reads N] [--seed S] [--fill half|random|sparse]
- *                  [--mode NAME]
+ * Usage: swap_peer [--size SIZE] [--reads N] [--zipf-ops N] [--seed S]
+ *                  [--fill half|random|sparse] [--mode NAME]
  *   --size   buffer size, bytes or with a K/M/G/T suffix (KiB etc. accepted; powers
  *            of 1024); default 4GiB
  *   --reads  random reads timed; default 30000
+ *   --zipf-ops  Zipf reads timed for throughput; default 1000000, 0 skips them
  *   --fill   page contents. Compression (zswap) depends on it, Farpage does not:
  *            half   the first 2 KiB of each page pseudo-random, the rest zero (about
  *                   2:1 for a compressor, like much anonymous memory); the default
@@ -47,7 +52,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -219,8 +226,37 @@ static uint64_t splitmix64(uint64_t *state) {
     return z ^ (z >> 31);
 }
 
+/* The YCSB Zipf generator (Gray et al.), theta < 1; rank 0 is the most popular. Ranks are
+ * scattered over the pages by a multiplicative hash (farpage-bench's Zipf, same constants). */
+struct zipf {
+    uint64_t n;
+    double theta, alpha, zetan, eta, first_two;
+};
+static void zipf_init(struct zipf *z, uint64_t n, double theta) {
+    double zetan = 0;
+    for (uint64_t i = 1; i <= n; i++) zetan += 1 / pow((double)i, theta);
+    double zeta2 = 1 + 1 / pow(2, theta);
+    z->n = n;
+    z->theta = theta;
+    z->alpha = 1 / (1 - theta);
+    z->zetan = zetan;
+    z->eta = (1 - pow(2 / (double)n, 1 - theta)) / (1 - zeta2 / zetan);
+    z->first_two = 1 + pow(0.5, theta);
+}
+static uint64_t zipf_page(const struct zipf *z, uint64_t *rng) {
+    double u = (double)(splitmix64(rng) >> 11) * 0x1p-53, uz = u * z->zetan;
+    uint64_t rank;
+    if (uz < 1) rank = 0;
+    else if (uz < z->first_two) rank = 1;
+    else {
+        rank = (uint64_t)((double)z->n * pow(z->eta * u - z->eta + 1, z->alpha));
+        if (rank > z->n - 1) rank = z->n - 1;
+    }
+    return (rank * 0x9E3779B97F4A7C15ULL) % z->n;
+}
+
 static void usage(const char *argv0) {
-    fprintf(stderr, "usage: %s [--size SIZE] [--reads N] [--seed S] [--fill half|random|sparse] [--mode NAME]\n",
+    fprintf(stderr, "usage: %s [--size SIZE] [--reads N] [--zipf-ops N] [--seed S] [--fill half|random|sparse] [--mode NAME]\n",
             argv0);
     exit(2);
 }
@@ -228,6 +264,7 @@ static void usage(const char *argv0) {
 int main(int argc, char **argv) {
     uint64_t size = DEFAULT_SIZE;
     unsigned long reads = DEFAULT_READS;
+    unsigned long zipf_ops = 1000000;
     uint64_t seed = 1;
     enum fill fill = FILL_HALF;
     const char *mode = NULL;
@@ -235,7 +272,7 @@ int main(int argc, char **argv) {
     static const struct option options[] = {
         {"size", required_argument, NULL, 's'}, {"reads", required_argument, NULL, 'r'},
         {"seed", required_argument, NULL, 'S'}, {"fill", required_argument, NULL, 'f'},
-        {"mode", required_argument, NULL, 'm'}, {NULL, 0, NULL, 0},
+        {"mode", required_argument, NULL, 'm'}, {"zipf-ops", required_argument, NULL, 'z'}, {NULL, 0, NULL, 0},
     };
     int opt;
     while ((opt = getopt_long(argc, argv, "", options, NULL)) != -1) {
@@ -253,6 +290,14 @@ int main(int argc, char **argv) {
             reads = strtoul(optarg, &end, 10);
             if (errno || *end || end == optarg || reads == 0 || reads > (1UL << 26)) {
                 fprintf(stderr, "swap_peer: bad --reads '%s'\n", optarg);
+                return 2;
+            }
+            break;
+        case 'z':
+            errno = 0;
+            zipf_ops = strtoul(optarg, &end, 10);
+            if (errno || *end || end == optarg || zipf_ops > (1UL << 30)) {
+                fprintf(stderr, "swap_peer: bad --zipf-ops '%s'\n", optarg);
                 return 2;
             }
             break;
@@ -333,6 +378,33 @@ int main(int argc, char **argv) {
     }
     struct swap_counts c3 = swap_counts();
 
+    /* 4. zipf reads: throughput */
+    double zipf_s = 0;
+    long zipf_majflt = 0;
+    if (zipf_ops > 0) {
+        struct zipf z;
+        zipf_init(&z, pages, 0.99);
+        uint64_t zrng = 2;
+        unsigned long warmup = zipf_ops / 5;
+        struct rusage r0, r1;
+        uint64_t start = 0;
+        for (unsigned long i = 0; i < warmup + zipf_ops; i++) {
+            if (i == warmup) {
+                getrusage(RUSAGE_SELF, &r0);
+                start = now_ns();
+            }
+            uint64_t p = zipf_page(&z, &zrng);
+            const volatile uint64_t *w = (const volatile uint64_t *)(buf + p * PAGE);
+            if (w[0] != expected(fill, p, 0) || w[1] != expected(fill, p, 1)) {
+                fprintf(stderr, "swap_peer: zipf: page %" PRIu64 " reads back wrong\n", p);
+                return 1;
+            }
+        }
+        zipf_s = (double)(now_ns() - start) / 1e9;
+        getrusage(RUSAGE_SELF, &r1);
+        zipf_majflt = r1.ru_majflt - r0.ru_majflt;
+    }
+
     qsort(all, reads, sizeof *all, cmp_u64);
     qsort(faults, nfaults, sizeof *faults, cmp_u64);
     double fill_s = (double)fill_ns / 1e9, sweep_s = (double)sweep_ns / 1e9;
@@ -340,11 +412,13 @@ int main(int argc, char **argv) {
            "\"sweep_gbps\":%.3f,\"sweep_seconds\":%.2f,\"reads\":%lu,\"rand_p50_us\":%.2f,\"rand_p99_us\":%.2f,"
            "\"rand_mean_us\":%.2f,\"faults\":%zu,\"fault_p50_us\":%.2f,\"fault_p99_us\":%.2f,"
            "\"fill_swapout_pages\":%" PRIu64 ",\"fill_zswap_pages\":%" PRIu64 ",\"sweep_swapin_pages\":%" PRIu64
-           ",\"random_swapin_pages\":%" PRIu64 ",\"zswap_pool_kib\":%" PRIu64 ",\"zswapped_kib\":%" PRIu64 "}\n",
+           ",\"random_swapin_pages\":%" PRIu64 ",\"zswap_pool_kib\":%" PRIu64 ",\"zswapped_kib\":%" PRIu64
+           ",\"zipf_ops\":%lu,\"zipf_seconds\":%.4f,\"zipf_ops_per_s\":%.0f,\"zipf_major_faults\":%ld}\n",
            mode, mode, size, fill_names[fill], (double)size / fill_s / 1e9, (double)size / sweep_s / 1e9, sweep_s,
            reads, percentile_us(all, reads, 0.50), percentile_us(all, reads, 0.99), mean_us(all, reads), nfaults,
            percentile_us(faults, nfaults, 0.50), percentile_us(faults, nfaults, 0.99), c1.out - c0.out,
-           c1.zswap_out - c0.zswap_out, c2.in - c1.in, c3.in - c2.in, zswap_pool_kib, zswapped_kib);
+           c1.zswap_out - c0.zswap_out, c2.in - c1.in, c3.in - c2.in, zswap_pool_kib, zswapped_kib, zipf_ops, zipf_s,
+           zipf_s > 0 ? (double)zipf_ops / zipf_s : 0.0, zipf_majflt);
     if (c1.out == c0.out)
         fprintf(stderr, "swap_peer: warning: nothing was swapped out during the fill; is the memory limit below %" PRIu64
                         " bytes?\n", size);

@@ -1,6 +1,7 @@
 import FarpageKernel
 import FarpagePaging
 import FarpagePool
+import FarpageRDMA
 import FarpageProtocol
 import FarpageTiers
 import FarpageTransport
@@ -74,9 +75,22 @@ public final class Agent: @unchecked Sendable {
                 throw AgentStartError("pool.secret_file: \(error)", isConfiguration: true)
             }
         }
-        store = PoolStore(spill: try Self.localSpill(config, logger: logger), agentID: ClusterSecret.randomBytes(16),
+        store = PoolStore(spill: try Self.localSpill(config, logger: logger), leaseBytes: config.storeLeaseBytes,
+                          agentID: ClusterSecret.randomBytes(16),
                           agentName: "farpaged-\(getpid())", secret: secret,
-                          ioTimeoutMilliseconds: Int32(config.poolIOTimeoutSeconds * 1000), logger: logger)
+                          ioTimeoutMilliseconds: Int32(config.poolIOTimeoutSeconds * 1000), movement: config.tierMovement,
+                          logger: logger)
+        let transport = TransportPolicy(rawValue: config.poolTransport) ?? .auto
+        if transport != .tcp {
+            let rdma = SystemVerbs.probeDevices()
+            if transport == .rdma, let reason = rdma.reason {
+                throw AgentStartError("pool.transport is \"rdma\" but \(reason)", isConfiguration: true)
+            }
+            logger.info(rdma.reason == nil ? "RDMA devices found; memory servers that offer RDMA are reached over it"
+                                           : "memory servers are reached over TCP",
+                        metadata: ["fp.transport": "\(transport.rawValue)", "fp.rdma": "\(rdma.reason ?? "\(rdma)")"])
+        }
+        store.dataPlane.configure(policy: transport, logger: logger)
         budget = ResidentBudget(budgetPages: Int(config.residentBudget / page), highWatermark: config.highWatermark,
                                 lowWatermark: config.lowWatermark)
         var p = PagingPolicy()
@@ -112,8 +126,8 @@ public final class Agent: @unchecked Sendable {
             throw AgentStartError("[store] path is required when kind = \"file\"", isConfiguration: true)
         }
         do {
-            return .file(try SpillFileBackend(path: path, capacityBytes: config.storeCapacity, directIO: config.storeDirectIO,
-                                              logger: logger))
+            return .file(try SpillFileBackend(path: path, capacityBytes: config.storeCapacity, leaseBytes: config.storeLeaseBytes,
+                                              directIO: config.storeDirectIO, logger: logger))
         } catch {
             // io_uring refused is the host's doing (exit 69); the rest needs [store] or the disk changed (78).
             throw AgentStartError("[store] \(error)", isConfiguration: error.code != .ioUringUnavailable)
@@ -324,7 +338,15 @@ public final class Agent: @unchecked Sendable {
             store: StoreStatus(kind: store.name, capacityPages: store.capacityPages, usedPages: store.usedPages),
             regions: regions.count, clients: clients,
             bookkeepingBytes: regions.reduce(0) { $0 + $1.bookkeepingBytes },
-            totals: Self.counterDictionary(totals), shuttingDown: shuttingDown.load(ordering: .relaxed), pool: poolReport())
+            totals: Self.counterDictionary(totals).merging(movementCounters()) { a, _ in a },
+            shuttingDown: shuttingDown.load(ordering: .relaxed), pool: poolReport())
+    }
+
+    /// Pages moved between the pool and the spill file (docs/tiering.md).
+    func movementCounters() -> [String: UInt64] {
+        let m = store.movementCounters
+        return ["demoted_leases": m.demotedLeases, "demoted_pages": m.demotedPages,
+                "demotion_failures": m.demotionFailures, "promoted_pages": m.promotedPages]
     }
 
     func poolReport() -> [PoolServer] {

@@ -23,11 +23,16 @@ public struct AgentConfig: Sendable, Equatable {
     /// The spill file of `storeKind == "file"` (absolute; no default).
     public var storePath: String? = nil
     public var storeDirectIO = SpillDirectIO.auto
+    /// One lease of the local spill; the memory servers' lease size, so that leases move
+    /// between them whole (demotion) without wasting spill space.
+    public var storeLeaseBytes: UInt64 = 64 << 20
     /// Memory servers to attach at start ("HOST:PORT").
     public var poolServers: [String] = []
     public var poolSecretFile: String? = nil
     public var poolHeartbeatSeconds = 1.0
     public var poolIOTimeoutSeconds = 2.0
+    /// `[pool] transport`: "auto", "tcp" or "rdma" (see `TransportPolicy`).
+    public var poolTransport = "auto"
     public var logLevel: Logger.Level = .info
     /// [tiering]: see config/agent.toml and docs/tiering.md.
     public var prefetch = true
@@ -37,6 +42,11 @@ public struct AgentConfig: Sendable, Equatable {
     public var classify = true
     public var activeFraction = 0.5
     public var migrationWindowSeconds = 1.0
+    /// Demotion of cold pool leases to the spill file, promotion back (docs/tiering.md).
+    public var demoteAbove = 0.9
+    public var demoteTo = 0.8
+    public var demoteAfterSeconds = 30.0
+    public var promote = true
 
     public init() {}
 
@@ -60,12 +70,12 @@ extension AgentConfig {
             "socket", "socket_mode", "fault_threads", "resident_budget", "region_budget", "max_region_size",
             "max_regions", "high_watermark", "low_watermark", "evict_batch", "shutdown_grace", "fault_spin_us",
         ],
-        "store": ["kind", "capacity", "path", "direct_io"],
-        "pool": ["servers", "secret_file", "heartbeat", "io_timeout"],
+        "store": ["kind", "capacity", "path", "direct_io", "lease_size"],
+        "pool": ["servers", "secret_file", "heartbeat", "io_timeout", "transport"],
         "log": ["level"],
         "tiering": [
             "prefetch", "prefetch_window", "max_prefetch_window", "min_residence", "classify", "active_fraction",
-            "migration_window",
+            "migration_window", "demote_above", "demote_to", "demote_after", "promote",
         ],
     ]
 
@@ -169,6 +179,13 @@ extension AgentConfig {
                 c[keyPath: path] = d
             }
         }
+        if let v = pool?["transport"] {
+            guard let s = v.string, ["auto", "tcp", "rdma"].contains(s) else {
+                throw ConfigError(key: "pool.transport", problem: "must be \"auto\", \"tcp\" or \"rdma\"",
+                                  fix: "e.g. transport = \"auto\" (RDMA where both sides have a device, else TCP)")
+            }
+            c.poolTransport = s
+        }
         if !c.poolServers.isEmpty && c.poolSecretFile == nil {
             throw ConfigError(key: "pool.secret_file", problem: "is required when pool.servers is set",
                               fix: "point it at the cluster secret shared with the memory servers")
@@ -186,7 +203,7 @@ extension AgentConfig {
     }
 
     private static func parseTiering(_ t: TOMLTable?, into c: inout AgentConfig) throws(ConfigError) {
-        for (key, path) in [("prefetch", \AgentConfig.prefetch), ("classify", \AgentConfig.classify)] {
+        for (key, path) in [("prefetch", \AgentConfig.prefetch), ("classify", \AgentConfig.classify), ("promote", \AgentConfig.promote)] {
             guard let v = t?[key] else { continue }
             guard let b = v.bool else {
                 throw ConfigError(key: "tiering.\(key)", problem: "must be true or false", fix: "e.g. \(key) = true")
@@ -200,15 +217,28 @@ extension AgentConfig {
                               fix: "e.g. prefetch_window = 16 and max_prefetch_window = 128")
         }
         c.activeFraction = try fraction(t, "active_fraction", "tiering.active_fraction", c.activeFraction)
-        for (key, path, zeroOK) in [("min_residence", \AgentConfig.minResidenceSeconds, true),
-                                    ("migration_window", \AgentConfig.migrationWindowSeconds, false)] {
+        for (key, path, zeroOK, example) in [("min_residence", \AgentConfig.minResidenceSeconds, true, "100ms"),
+                                             ("migration_window", \AgentConfig.migrationWindowSeconds, false, "1s"),
+                                             ("demote_after", \AgentConfig.demoteAfterSeconds, true, "30s")] {
             guard let v = t?[key] else { continue }
             guard let s = v.string, let d = parseDuration(s), d >= 0, zeroOK || d > 0, d <= 3600 else {
                 throw ConfigError(key: "tiering.\(key)", problem: "must be a duration\(zeroOK ? "" : " above zero") of at most 1h",
-                                  fix: "e.g. \(key) = \"\(key == "min_residence" ? "100ms" : "1s")\"")
+                                  fix: "e.g. \(key) = \"\(example)\"")
             }
             c[keyPath: path] = d
         }
+        c.demoteAbove = try fraction(t, "demote_above", "tiering.demote_above", c.demoteAbove)
+        c.demoteTo = try fraction(t, "demote_to", "tiering.demote_to", c.demoteTo)
+        guard c.demoteTo < c.demoteAbove else {
+            throw ConfigError(key: "tiering.demote_to", problem: "(\(c.demoteTo)) must be below demote_above (\(c.demoteAbove)): the gap is the hysteresis",
+                              fix: "e.g. demote_above = 0.9 and demote_to = 0.8")
+        }
+    }
+
+    /// Demotion and promotion between the pool and a spill file.
+    public var tierMovement: TierMovement {
+        TierMovement(demoteAbove: demoteAbove, demoteTo: demoteTo, coldAfterMilliseconds: Int(demoteAfterSeconds * 1000),
+                     promote: promote)
     }
 
     private static func parseStore(_ store: TOMLTable?, into c: inout AgentConfig) throws(ConfigError) {
@@ -220,6 +250,11 @@ extension AgentConfig {
             c.storeKind = s
         }
         c.storeCapacity = try size(store, "capacity", "store.capacity", c.storeCapacity)
+        c.storeLeaseBytes = try size(store, "lease_size", "store.lease_size", c.storeLeaseBytes)
+        guard c.storeLeaseBytes % UInt64(systemPageSize) == 0, c.storeLeaseBytes <= (1 << 24) * UInt64(systemPageSize) else {
+            throw ConfigError(key: "store.lease_size", problem: "must be a whole number of pages, at most 64GiB",
+                              fix: "use the memory servers' lease_size, e.g. lease_size = \"64MiB\"")
+        }
         if let v = store?["path"] {
             guard let s = v.string, s.hasPrefix("/"), !s.hasSuffix("/") else {
                 throw ConfigError(key: "store.path", problem: "must be the absolute path of a file",

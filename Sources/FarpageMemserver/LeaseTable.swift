@@ -22,6 +22,10 @@ extension String {
 public struct LeaseError: Error, Sendable, Equatable {
     public let code: MemErrorCode
     public let message: String
+    public init(code: MemErrorCode, message: String) {
+        self.code = code
+        self.message = message
+    }
 }
 
 /// The memory a server lends: slabs of `leaseBytes`, each with one checksum per page.
@@ -55,6 +59,10 @@ public final class LeaseTable: @unchecked Sendable {
     private var limitLeases: Int
     /// Leases asked back, and when (monotonic ns).
     private var reclaim: [UInt64: UInt64] = [:]
+    /// Runs for each lease taken back, under the exclusive lock and before its slab is zeroed:
+    /// the RDMA listener deregisters the lease's memory region there, so that its key reaches
+    /// nothing once the memory can be lent again. Set before the server serves anyone.
+    public var releaseHook: (@Sendable (UInt64) -> Void)?
 
     public init(capacityBytes: UInt64, leaseBytes: Int) {
         self.leaseBytes = leaseBytes
@@ -117,6 +125,7 @@ public final class LeaseTable: @unchecked Sendable {
             }
             leases[leaseID] = nil
             reclaim[leaseID] = nil
+            releaseHook?(leaseID)
             recycle(l.base)
         }
     }
@@ -129,6 +138,7 @@ public final class LeaseTable: @unchecked Sendable {
             for (id, l) in mine {
                 leases[id] = nil
                 reclaim[id] = nil
+                releaseHook?(id)
                 recycle(l.base)
             }
             return mine.count
@@ -158,6 +168,16 @@ public final class LeaseTable: @unchecked Sendable {
             throw LeaseError(code: .outOfBounds, message: "offset \(offset) + \(pages) pages is outside the \(leaseBytes)-byte lease")
         }
         return l.base
+    }
+
+    /// Runs `body` with the start of lease `leaseID`'s data, under the shared lock (the lease
+    /// cannot be freed meanwhile). For the RDMA listener, which registers it.
+    public func withLease<T>(owner: AgentID, leaseID: UInt64, _ body: (UnsafeMutableRawPointer) throws(LeaseError) -> T)
+        throws(LeaseError) -> T
+    {
+        try shared { () throws(LeaseError) -> T in
+            try body(try locate(owner, leaseID, 0, 1))
+        }
     }
 
     /// Copies pages out with their stored checksums.

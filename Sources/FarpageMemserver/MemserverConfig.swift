@@ -18,6 +18,11 @@ public struct MemserverConfig: Sendable, Equatable {
     /// Local administration socket for `farpagectl memserver`; empty: none.
     public var adminSocket = "/run/farpage-memserver/admin.sock"
     public var logLevel: Logger.Level = .info
+    /// Data plane: TCP always; RDMA too when this host has a device (`auto`) or required (`rdma`).
+    public var transport: MemserverTransport = .auto
+    /// rdma_cm listening address; nil host: the TCP listen host.
+    public var rdmaHost: String? = nil
+    public var rdmaPort = 7202
 
     public init() {}
 
@@ -25,6 +30,16 @@ public struct MemserverConfig: Sendable, Equatable {
 }
 
 /// A configuration problem, naming the key and the fix.
+/// `[memserver] transport`.
+public enum MemserverTransport: String, Sendable, CaseIterable {
+    /// Listen on rdma_cm too when an RDMA device exists; TCP only (with the reason logged) otherwise.
+    case auto
+    /// TCP only.
+    case tcp
+    /// RDMA required: no device is a startup error.
+    case rdma
+}
+
 public struct MemserverConfigError: Error, CustomStringConvertible, Equatable {
     public let key: String
     public let problem: String
@@ -40,7 +55,7 @@ public struct MemserverConfigError: Error, CustomStringConvertible, Equatable {
 extension MemserverConfig {
     static let known: [String: Set<String>] = [
         "memserver": ["listen", "capacity", "lease_size", "secret_file", "threads", "lease_grace", "handshake_timeout",
-                      "headroom", "admin_socket"],
+                      "headroom", "admin_socket", "transport", "rdma_listen"],
         "log": ["level"],
     ]
 
@@ -73,6 +88,20 @@ extension MemserverConfig {
                 throw MemserverConfigError(key: "memserver.listen", problem: "must be HOST:PORT", fix: "e.g. listen = \"0.0.0.0:7201\"")
             }
             (c.host, c.port) = (host, port)
+        }
+        if let v = m?["transport"] {
+            guard let s = v.string, let t = MemserverTransport(rawValue: s) else {
+                throw MemserverConfigError(key: "memserver.transport", problem: "must be \"auto\", \"tcp\" or \"rdma\"",
+                                           fix: "e.g. transport = \"auto\"")
+            }
+            c.transport = t
+        }
+        if let v = m?["rdma_listen"] {
+            guard let s = v.string, let (host, port) = parseListen(s) else {
+                throw MemserverConfigError(key: "memserver.rdma_listen", problem: "must be HOST:PORT",
+                                           fix: "e.g. rdma_listen = \"10.0.0.5:7202\" (the address of the RDMA device's interface)")
+            }
+            (c.rdmaHost, c.rdmaPort) = (host, port)
         }
         if let v = m?["capacity"] {
             guard let n = v.int.map(UInt64.init) ?? v.string.flatMap(parseSize) else {
@@ -138,6 +167,9 @@ extension MemserverConfig {
         guard capacityBytes >= UInt64(leaseBytes) else {
             throw MemserverConfigError(key: "memserver.capacity", problem: "is smaller than one lease (\(leaseBytes) bytes)",
                                        fix: "raise capacity or lower lease_size")
+        }
+        guard (0...65535).contains(rdmaPort) else {
+            throw MemserverConfigError(key: "memserver.rdma_listen", problem: "port out of range", fix: "use 1-65535 (0 = any free port)")
         }
         guard (0...65535).contains(port) else {
             throw MemserverConfigError(key: "memserver.listen", problem: "port out of range", fix: "use 1-65535 (0 = any free port)")

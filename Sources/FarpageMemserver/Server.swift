@@ -5,6 +5,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOPosix
+import FarpageRDMA
 import Synchronization
 
 #if canImport(Glibc)
@@ -269,6 +270,22 @@ final class MemServerHandler: ChannelInboundHandler, @unchecked Sendable {
             reply = .pong(server.stats(for: agent))
         case .reclaimQuery:
             reply = .reclaim(leases: Array(server.leases.reclaimRequested(owner: agent).prefix(MemWire.maxLeaseIDs)))
+        case .rdmaConnect:
+            guard let rdma = server.rdma else {
+                reply = .error(code: MemErrorCode.rdmaUnavailable.rawValue, message: server.rdmaOffReason)
+                break
+            }
+            do { reply = .rdmaEndpoint(try rdma.endpoint(for: agent)) } catch {
+                reply = .error(code: error.code.rawValue, message: error.message)
+            }
+        case .leaseKeys(let ids):
+            guard let rdma = server.rdma else {
+                reply = .error(code: MemErrorCode.rdmaUnavailable.rawValue, message: server.rdmaOffReason)
+                break
+            }
+            do { reply = .keys(try rdma.keys(for: agent, leases: ids)) } catch {
+                reply = .error(code: error.code.rawValue, message: error.message)
+            }
         case .hello, .auth:
             reply = .error(code: MemErrorCode.malformed.rawValue, message: "already authenticated")
         }
@@ -345,6 +362,10 @@ public final class Memserver: @unchecked Sendable {
     let draining = Atomic<Bool>(false)
     private var channel: (any Channel)?
     private(set) var boundPort = 0
+    /// The RDMA side, when this server lends over RDMA too (set in `start`, before serving).
+    private(set) var rdma: (any RDMAControlPlane)?
+    /// Why there is no RDMA listener, for RDMA_CONNECT's ERROR.
+    private(set) var rdmaOffReason = "this memory server has no RDMA listener"
 
     /// What bounds lending besides the capacity. Lock order: this, then the lease table.
     struct Limits {
@@ -497,9 +518,52 @@ public final class Memserver: @unchecked Sendable {
             agents: Array(agents))
     }
 
+    /// Starts the rdma_cm listener per `[memserver] transport`: `auto` without a device logs why
+    /// and serves TCP only; `rdma` without one is an error naming the reason.
+    func startRDMA() throws(MemserverConfigError) {
+        if rdma != nil { return }
+        if config.transport == .tcp {
+            rdmaOffReason = "this memory server is configured for TCP only (transport = \"tcp\")"
+            return
+        }
+        let fix = "set [memserver] transport = \"tcp\" (or \"auto\") to lend over TCP only"
+        if let reason = SystemVerbs.probeDevices().reason {
+            rdmaOffReason = "this memory server has no RDMA: \(reason)"
+            if config.transport == .rdma { throw MemserverConfigError(key: "memserver.transport", problem: "is \"rdma\" but \(reason)", fix: fix) }
+            logger.notice("lending over TCP only", metadata: ["fp.reason": "\(reason)"])
+            return
+        }
+        do throws(VerbsError) {
+            let listener = try RDMAListener(host: config.rdmaHost ?? config.host, port: config.rdmaPort, leases: leases, logger: logger)
+            leases.releaseHook = { [weak listener] id in listener?.leaseReleased(id) }
+            listener.start()
+            rdma = listener
+            logger.info("listening for RDMA connections (rdma_cm)", metadata: ["fp.rdma_listen": "\(config.rdmaHost ?? config.host):\(listener.port)"])
+        } catch {
+            let reason = "cannot listen on rdma_cm at \(config.rdmaHost ?? config.host):\(config.rdmaPort): \(error)"
+            rdmaOffReason = "this memory server has no RDMA listener: \(reason)"
+            if config.transport == .rdma { throw MemserverConfigError(key: "memserver.rdma_listen", problem: reason, fix: fix) }
+            logger.warning("lending over TCP only", metadata: ["fp.reason": "\(reason)"])
+        }
+    }
+
+    /// The rdma_cm port, when listening (useful with port 0).
+    public var rdmaPort: Int? { (rdma as? RDMAListener)?.port }
+
+    /// Serves RDMA_CONNECT and LEASE_KEYS with `plane` instead of an rdma_cm listener (tests
+    /// drive the agent's RDMA path with fake verbs this way). Call before `start`.
+    public func useRDMA(_ plane: any RDMAControlPlane) {
+        rdma = plane
+        leases.releaseHook = { [weak plane] id in plane?.leaseReleased(id) }
+    }
+
+    /// The leases (for an `RDMAControlPlane` that registers their memory).
+    public var leaseTable: LeaseTable { leases }
+
     /// Binds the listening socket. Returns the bound port (useful with port 0).
     @discardableResult
     public func start() async throws -> Int {
+        try startRDMA()
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -528,6 +592,7 @@ public final class Memserver: @unchecked Sendable {
     public func expireAbandoned() {
         for (agent, n) in sessions.expire(grace: config.leaseGraceSeconds, free: { leases.freeAll(owner: $0) }) {
             if n > 0 { logger.notice("agent did not come back within the grace period; its leases were freed", metadata: ["fp.agent": "\(agent)", "fp.leases": "\(n)"]) }
+            rdma?.agentGone(agent)
         }
     }
 
@@ -535,6 +600,7 @@ public final class Memserver: @unchecked Sendable {
         draining.store(true, ordering: .relaxed)
         try? await channel?.close()
         try? await group.shutdownGracefully()
+        rdma?.stop()
         logger.info("farpaged memserver stopped")
     }
 }

@@ -818,8 +818,12 @@ extension Region {
         func take(_ page: Int, _ e: inout PageEntry, orphan: Bool = false) -> Bool {
             guard var kind = PageTransitions.beginEviction(&e) else { return false }
             // A clean page whose far copy cannot be read now (its server failed) is written
-            // again instead of only punched: the local copy may be the only good one left.
-            if kind == .clean, let l = e.location, !store.isReadable(l) { kind = .writeBack }
+            // again instead of only punched: the local copy may be the only good one left. So is
+            // one used since it came from a slow tier, when the store promotes it (a prefetched
+            // page nobody used is not promoted).
+            if kind == .clean, let l = e.location, e.speculative ? !store.isReadable(l) : store.rewriteOnEviction(l) {
+                kind = .writeBack
+            }
             if e.speculative {
                 c.accuracy.record(wasted: 1)
                 counters.prefetchWasted.bump()

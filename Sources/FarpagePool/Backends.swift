@@ -61,11 +61,17 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
     /// The server's identity at first contact. A server that restarted has a new one, and
     /// none of our leases: its pages are gone, and it must not be taken for healthy again.
     private(set) var serverID: [UInt8] = []
+    /// The RDMA data path, when this server's pages move over RDMA (decided at attach; see
+    /// `RemoteRDMA.swift`). Leases, health and everything else stay on TCP.
+    private(set) var rdma: RDMAPath?
 
     var name: String { "\(host):\(port)" }
-    var transport: String { "tcp" }
+    /// "rdma" while the RDMA data path is connected, else "tcp".
+    var transport: String { rdma?.isUp == true ? "rdma" : "tcp" }
 
-    init(host: String, port: Int, agentID: [UInt8], agentName: String, secret: ClusterSecret, ioTimeoutMilliseconds: Int32)
+    /// - Parameter dataPlane: the RDMA policy and verbs; nil: TCP only.
+    init(host: String, port: Int, agentID: [UInt8], agentName: String, secret: ClusterSecret, ioTimeoutMilliseconds: Int32,
+         dataPlane: DataPlaneSelector? = nil)
         throws(TransportError)
     {
         self.host = host
@@ -79,6 +85,7 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
         capacityBytes = first.capacityBytes
         serverID = first.serverID
         idle.withLock { $0.append(first) }
+        rdma = try Self.setUpRDMA(self, selector: dataPlane)
     }
 
     private func connect() throws(TransportError) -> MemserverClient {
@@ -109,7 +116,10 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
         }
     }
 
-    func closeAll() { idle.withLock { c in c.forEach { $0.close() }; c.removeAll() } }
+    func closeAll() {
+        idle.withLock { c in c.forEach { $0.close() }; c.removeAll() }
+        rdma?.closeAll()
+    }
 
     func ping() throws(TransportError) -> MemServerStats {
         try withConnection { c throws(TransportError) in
@@ -123,12 +133,25 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
             guard case .leases(let ids) = try c.call(.leaseAlloc(count: UInt32(count))) else {
                 throw TransportError(.protocolViolation, "bad LEASES")
             }
+            if let rdma { ids.forEach { rdma.checksums.add($0) } }
             return ids
         }
     }
 
     func freeLease(_ id: UInt64) throws(TransportError) {
-        _ = try withConnection { c throws(TransportError) in try c.call(.leaseFree(leaseID: id)) }
+        do throws(TransportError) {
+            _ = try withConnection { c throws(TransportError) in try c.call(.leaseFree(leaseID: id)) }
+        } catch {
+            if error.kind == .refused(code: MemErrorCode.noSuchLease.rawValue) { forgetRDMA(lease: id) }
+            throw error
+        }
+        forgetRDMA(lease: id)
+    }
+
+    private func forgetRDMA(lease id: UInt64) {
+        guard let rdma else { return }
+        rdma.keys.withLock { $0[id] = nil }
+        rdma.checksums.remove(id)
     }
 
     /// The leases the server wants back (donor pressure).
@@ -144,6 +167,7 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
     func read(lease id: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer, allowUnwritten: Bool)
         throws(TransportError)
     {
+        if let rdma { return try rdmaRead(rdma, lease: id, offset: offset, pages: pages, into: into, allowUnwritten: allowUnwritten) }
         let sums = try withConnection { c throws(TransportError) in try c.readPages(leaseID: id, offset: offset, pages: pages, into: into) }
         if let error = verify(lease: id, offset: offset, pages: pages, at: into, against: sums, allowUnwritten: allowUnwritten) {
             throw error
@@ -168,6 +192,7 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
     /// soon as run `j` is in place and verified. Throws when the connection broke; runs not
     /// reported by then did not complete.
     func readRuns(lease id: UInt64, runs: [LeaseReadRun], each: (Int, TransportError?) -> Void) throws(TransportError) {
+        if let rdma { return try rdmaReadRuns(rdma, lease: id, runs: runs, each: each) }
         try withConnection { c throws(TransportError) in
             try c.readPipelined(leaseID: id, runs: runs) { j, sums, error in
                 if let error { return each(j, error) }
@@ -178,6 +203,7 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
     }
 
     func write(lease id: UInt64, offset: UInt64, pages: Int, from: UnsafeRawPointer) throws(TransportError) {
+        if let rdma { return try rdmaWrite(rdma, lease: id, offset: offset, pages: pages, from: from) }
         var sums = [UInt64](repeating: 0, count: pages)
         fp_checksum_pages(from, MemWire.pageSize, pages, &sums)
         try withConnection { c throws(TransportError) in try c.writePages(leaseID: id, offset: offset, checksums: sums, from: from) }

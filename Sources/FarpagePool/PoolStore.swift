@@ -47,6 +47,38 @@ public enum LocalSpill: Sendable {
     case file(SpillFileBackend)
 }
 
+/// Background movement between the pool (memory servers) and a spill file below it.
+///
+/// Demotion works on whole leases: when the pages we keep on memory servers fill more than
+/// `demoteAbove` of what they can give us, the leases read least recently (and not within
+/// `coldAfterMilliseconds`) are moved into the spill file until the fill is `demoteTo` or
+/// less. Promotion works on pages: while the fill is below `demoteAbove` and no demotion is
+/// under way, a page whose far copy is in the spill file and that was used again goes to a
+/// memory server when it is next evicted (a clean one is written instead of only dropped). Only with `[store] kind = "file"`
+/// and at least one memory server; the gap between the two fractions and the cold age are the
+/// hysteresis that keeps leases from moving back and forth.
+public struct TierMovement: Sendable, Equatable {
+    public var demoteAbove = 0.9
+    public var demoteTo = 0.8
+    public var coldAfterMilliseconds = 30_000
+    public var promote = true
+    public init() {}
+    public init(demoteAbove: Double, demoteTo: Double, coldAfterMilliseconds: Int, promote: Bool) {
+        self.demoteAbove = demoteAbove
+        self.demoteTo = demoteTo
+        self.coldAfterMilliseconds = coldAfterMilliseconds
+        self.promote = promote
+    }
+}
+
+/// What tier movement has done since the agent started.
+public struct TierMovementCounters: Sendable, Equatable {
+    public var demotedLeases: UInt64
+    public var demotedPages: UInt64
+    public var demotionFailures: UInt64
+    public var promotedPages: UInt64
+}
+
 /// The pool of far memory: leases on memory servers (placed by free capacity, power of two
 /// choices) and a local spill used only when no server can take a page.
 ///
@@ -97,13 +129,18 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         var lost = false
         /// Consecutive heartbeats it held no page; returned to its server after a few.
         var emptyHeartbeats = 0
+        /// When a page was last read from it (monotonic ms; its creation until then): demotion
+        /// takes the leases read least recently.
+        let lastRead: Atomic<UInt64>
         private var rw = pthread_rwlock_t()
         init(server: Server, remoteID: UInt64, pages: Int) {
             self.server = server
             self.remoteID = remoteID
             self.pages = pages
+            lastRead = Atomic(monotonicNanoseconds() / 1_000_000)
             pthread_rwlock_init(&rw, nil)
         }
+        @inline(__always) func noteRead() { lastRead.store(monotonicNanoseconds() / 1_000_000, ordering: .relaxed) }
         deinit { pthread_rwlock_destroy(&rw) }
         func shared<T>(_ body: () throws -> T) rethrows -> T {
             pthread_rwlock_rdlock(&rw)
@@ -130,6 +167,22 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     let secret: ClusterSecret?
     let ioTimeoutMilliseconds: Int32
     let leasesPerRequest: Int
+    /// Demotion to and promotion from the spill file; nil when the spill is the agent's memory.
+    let movement: TierMovement?
+    /// Whether a page used again from the spill file goes to a memory server at its next
+    /// eviction: set at each heartbeat (fill below `demoteAbove`, no demotion under way), cleared at
+    /// once when a placement finds the servers full.
+    let promoting = Atomic<Bool>(false)
+    let demotionRunning = Atomic<Bool>(false)
+    /// The fill went above `demoteAbove` and has not yet come down to `demoteTo`.
+    let demotionWanted = Atomic<Bool>(false)
+    let demotedLeases = Atomic<UInt64>(0)
+    let demotedPages = Atomic<UInt64>(0)
+    let demotionFailures = Atomic<UInt64>(0)
+    let promotedPages = Atomic<UInt64>(0)
+    var lastDemotionComplaint: UInt64 = 0  // pool mutex
+    /// TCP or RDMA for servers attached from now on (`[pool] transport`).
+    public let dataPlane = DataPlaneSelector()
 
     /// - Parameters:
     ///   - spillBytes: capacity of the local spill (the agent's own memory).
@@ -147,15 +200,19 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     ///   - spill: the local spill: the agent's own memory, or a spill file (whose lease size is its own).
     ///   - leaseBytes: lease size of a memory spill.
     ///   - secret: the cluster secret; nil when no memory server will be used.
+    ///   - movement: demotion to and promotion from a spill file (ignored for a memory spill).
     public init(spill: LocalSpill, leaseBytes: UInt64 = 64 << 20, agentID: [UInt8], agentName: String,
-                secret: ClusterSecret?, ioTimeoutMilliseconds: Int32 = 2000, leasesPerRequest: Int = 2, logger: Logger)
+                secret: ClusterSecret?, ioTimeoutMilliseconds: Int32 = 2000, leasesPerRequest: Int = 2,
+                movement: TierMovement = TierMovement(), logger: Logger)
     {
         switch spill {
         case .memory(let bytes):
             local = Server(backend: LocalSpillBackend(capacityBytes: bytes, leaseBytes: min(leaseBytes, max(bytes, 1 << 20))),
                            isLocal: true, capacityBytes: bytes)
+            self.movement = nil
         case .file(let file):
             local = Server(backend: file, isLocal: true, capacityBytes: file.capacityBytes)
+            self.movement = movement
         }
         self.logger = logger
         self.agentID = agentID
@@ -187,7 +244,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         let existing = state.withLock { s in s.servers.contains { $0.address == "\(host):\(port)" && $0.status != .detached } }
         if existing { throw TransportError(.refused(code: 0), "\(address) is already in the pool") }
         let backend = try RemoteBackend(host: host, port: port, agentID: agentID, agentName: agentName, secret: secret,
-                                        ioTimeoutMilliseconds: ioTimeoutMilliseconds)
+                                        ioTimeoutMilliseconds: ioTimeoutMilliseconds, dataPlane: dataPlane)
         let server = Server(backend: backend, isLocal: false, capacityBytes: backend.capacityBytes)
         state.withLock { s in
             s.servers.removeAll { $0.address == server.address && $0.status == .detached }
@@ -271,9 +328,10 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     }
 
     /// Moves one lease off `server`: its used part is copied into a new lease elsewhere (another
-    /// server, else the local spill) and its record switched, so page tables do not change. A
-    /// lease holding no page is just given back. Faults on the lease wait while it moves.
-    func moveLease(_ lease: Lease, from server: Server, buffer: UnsafeMutableRawPointer) -> Bool {
+    /// server, else the local spill; or `destination` only, when given) and its record switched,
+    /// so page tables do not change. A lease holding no page is just given back. Faults on the
+    /// lease wait while it moves.
+    func moveLease(_ lease: Lease, from server: Server, buffer: UnsafeMutableRawPointer, to destination: Server? = nil) -> Bool {
         lease.exclusive {
             // Slots are reserved under the pool mutex; no slot past `nextFresh` can hold data yet.
             let (present, used, nextFresh) = state.withLock { s in
@@ -293,8 +351,16 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                     return true
                 }
             }
-            guard let (target, remoteID) = try? allocateLease(on: chooseServer(excluding: server), excluding: server) else {
-                logger.error("no capacity anywhere to move a lease into", metadata: ["fp.server": "\(server.address)"])
+            let allocated: (Server, UInt64)?
+            if let destination {
+                allocated = ((try? destination.backend.allocateLeases(1))?.first).map { (destination, $0) }
+            } else {
+                allocated = try? allocateLease(on: chooseServer(excluding: server), excluding: server)
+            }
+            guard let (target, remoteID) = allocated else {
+                if destination == nil {
+                    logger.error("no capacity anywhere to move a lease into", metadata: ["fp.server": "\(server.address)"])
+                }
                 return false
             }
             let targetPages = Int(target.backend.leaseBytes) / pageSize
@@ -374,6 +440,132 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             }
         }
         returnEmptyLeases()
+        moveBetweenTiers()
+    }
+
+    // MARK: Demotion and promotion (spill file under the pool)
+
+    /// Our pages on healthy memory servers, and the room they have left for us.
+    func poolFill() -> (storedPages: Int, roomPages: Int) {
+        state.withLock { s in
+            var stored = 0
+            var room = 0
+            for server in s.servers where server.status == .healthy && !server.permanentlyFailed {
+                var leased = 0
+                var mine = 0
+                for case let l? in s.leases where l.server === server {
+                    leased += l.pages
+                    mine += l.used
+                }
+                let others = max(0, Int64(clamping: server.lentBytes) - Int64(leased) * Int64(pageSize))
+                let free = max(0, Int64(clamping: server.capacityBytes) - others - Int64(mine) * Int64(pageSize))
+                stored += mine
+                room += Int(free / Int64(pageSize))
+            }
+            return (stored, room)
+        }
+    }
+
+    /// Called at every heartbeat: decides whether pages used again may go up, and starts a
+    /// demotion thread when the servers are fuller than `demoteAbove`.
+    func moveBetweenTiers() {
+        guard let movement else { return }
+        let (stored, room) = poolFill()
+        let total = stored + room
+        guard total > 0 else {
+            promoting.store(false, ordering: .relaxed)
+            return
+        }
+        let fill = Double(stored) / Double(total)
+        // Hysteresis: demotion starts above `demoteAbove` and goes on (as leases turn cold)
+        // until the fill is down to `demoteTo`; promotion fills the servers again meanwhile
+        // only up to `demoteAbove`, and not while a demotion is under way.
+        if fill > movement.demoteAbove { demotionWanted.store(true, ordering: .relaxed) }
+        if fill <= movement.demoteTo { demotionWanted.store(false, ordering: .relaxed) }
+        let wanted = demotionWanted.load(ordering: .relaxed)
+        promoting.store(movement.promote && fill < movement.demoteAbove && !wanted, ordering: .relaxed)
+        guard wanted, spillHasRoomForALease(),
+            demotionRunning.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
+        else { return }
+        startThread(name: "fp-demote", detached: true) { [self] in
+            defer { demotionRunning.store(false, ordering: .releasing) }
+            demoteColdLeases(movement, targetPages: Int(Double(total) * movement.demoteTo))
+        }
+    }
+
+    /// Whether the spill file can take one more lease (else demotion waits: the file is full).
+    private func spillHasRoomForALease() -> Bool {
+        let leases = state.withLock { s in s.leases.count { $0?.server === local } }
+        return UInt64(leases + 1) * local.backend.leaseBytes <= local.capacityBytes
+    }
+
+    /// Moves the leases read least recently from memory servers into the spill file until our
+    /// pages on the servers are `targetPages` or fewer. A lease read within the cold age stays.
+    func demoteColdLeases(_ movement: TierMovement, targetPages: Int) {
+        let now = monotonicNanoseconds() / 1_000_000
+        let coldBefore = now >= UInt64(movement.coldAfterMilliseconds) ? now - UInt64(movement.coldAfterMilliseconds) : 0
+        let candidates = state.withLock { s in
+            s.leases.compactMap { $0 }.filter { l in
+                !l.server.isLocal && l.server.status == .healthy && !l.reclaiming && !l.lost && l.used > 0
+                    && l.lastRead.load(ordering: .relaxed) <= coldBefore
+            }.sorted { $0.lastRead.load(ordering: .relaxed) < $1.lastRead.load(ordering: .relaxed) }
+        }
+        guard !candidates.isEmpty else { return }
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: MemWire.maxPagesPerIO * pageSize, alignment: pageSize)
+        defer { buffer.deallocate() }
+        var moved = 0
+        var pages = 0
+        for lease in candidates {
+            // Done, or the file is full (not a failure: demotion resumes when it has room).
+            guard poolFill().storedPages > targetPages, spillHasRoomForALease() else { break }
+            let (server, used, cold) = state.withLock { _ in
+                (lease.server, lease.used, lease.lastRead.load(ordering: .relaxed) <= coldBefore)
+            }
+            // Read meanwhile, or moved by a drain or reclaim: leave it.
+            guard !server.isLocal, server.status == .healthy, cold else { continue }
+            if moveLease(lease, from: server, buffer: buffer, to: local) {
+                moved += 1
+                pages += used
+                demotedLeases.wrappingAdd(1, ordering: .relaxed)
+                demotedPages.wrappingAdd(UInt64(used), ordering: .relaxed)
+            } else {
+                demotionFailures.wrappingAdd(1, ordering: .relaxed)
+                let complain = state.withLock { _ -> Bool in
+                    let t = monotonicNanoseconds()
+                    guard t - lastDemotionComplaint > 30_000_000_000 else { return false }
+                    lastDemotionComplaint = t
+                    return true
+                }
+                if complain {
+                    logger.warning("cannot demote cold pages to the spill file (full, or a read failed); the memory servers stay full and new pages go to the spill file directly",
+                                   metadata: ["fp.server": "\(server.address)", "fp.spill": "\(local.address)"])
+                }
+                break
+            }
+        }
+        if moved > 0 {
+            logger.info("cold leases demoted from memory servers to the spill file",
+                        metadata: ["fp.leases": "\(moved)", "fp.pages": "\(pages)"])
+        }
+    }
+
+    /// What tier movement has done (all zero without a spill file).
+    public var movementCounters: TierMovementCounters {
+        TierMovementCounters(demotedLeases: demotedLeases.load(ordering: .relaxed),
+                             demotedPages: demotedPages.load(ordering: .relaxed),
+                             demotionFailures: demotionFailures.load(ordering: .relaxed),
+                             promotedPages: promotedPages.load(ordering: .relaxed))
+    }
+
+    /// A clean page used again after it came from the spill file is written to a memory server
+    /// at its eviction while there is room (promotion); one whose copy cannot be read now is
+    /// written anywhere.
+    public func rewriteOnEviction(_ location: PageLocation) -> Bool {
+        guard let (lease, _) = lease(of: location) else { return true }
+        return state.withLock { _ in
+            if lease.server.status == .failed || lease.server.permanentlyFailed || lease.lost { return true }
+            return lease.server.isLocal && promoting.load(ordering: .relaxed)
+        }
     }
 
     /// Gives back leases that have held no page for three heartbeats: memory a server lends us
@@ -710,6 +902,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     private func read(_ run: ReadRun, of batch: PageIOBatch, scratch: inout UnsafeMutableRawPointer?) {
         guard let lease = run.lease else { return }
         if let error = unreadable(lease) { return set(run, of: batch, error) }
+        lease.noteRead()
         let direct = contiguous(run, batch)
         if !direct && scratch == nil { scratch = .allocate(byteCount: MemWire.maxPagesPerIO * pageSize, alignment: pageSize) }
         let target = direct ? batch.buffers[run.first] : scratch!
@@ -799,6 +992,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 }
                 continue
             }
+            lease.noteRead()
             var reported = 0
             enum Outcome { case done, moved, broken(TransportError) }
             let outcome: Outcome = lease.shared {
@@ -853,13 +1047,16 @@ public final class PoolStore: PageStore, @unchecked Sendable {
         // page table still points there): releasing it would let another page reuse it.
         var stale = [PageLocation?](repeating: nil, count: batch.count)
         // One pass under the pool mutex for the whole batch (this is the eviction path).
-        enum Place { case inPlace, reclaiming, elsewhere }
+        enum Place { case inPlace, reclaiming, promoting, elsewhere }
+        let promote = promoting.load(ordering: .relaxed)
         let places: [Place] = state.withLock { s in
             batch.locations.map { l in
                 guard let l, case let index = Int(l.raw >> Self.slotBits), index < s.leases.count,
                     let lease = s.leases[index]
                 else { return .elsewhere }
                 guard (lease.server.status == .healthy || lease.server.isLocal) && !lease.lost else { return .elsewhere }
+                // A page in the spill file goes up to a memory server while they have room.
+                if promote && lease.server.isLocal { return .promoting }
                 // A lease asked back gets no rewrites if the page can go elsewhere: it moves now,
                 // not with the lease.
                 return lease.reclaiming ? .reclaiming : .inPlace
@@ -880,7 +1077,7 @@ public final class PoolStore: PageStore, @unchecked Sendable {
                 for (k, i) in fresh.enumerated() { targets[i] = slots[k] }
             } catch {
                 for i in fresh {
-                    if places[i] == .reclaiming {
+                    if places[i] == .reclaiming || places[i] == .promoting {
                         // Nowhere else to go: the lease asked back is still ours and usable (it
                         // moves as a whole, later); rewrite the page there rather than fail.
                         targets[i] = batch.locations[i]
@@ -932,6 +1129,18 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             } else {
                 for i in run { batch.locations[i] = targets[i] }
             }
+        }
+        let promoted = (0..<batch.count).filter { places[$0] == .promoting && isFresh[$0] && batch.errors[$0] == nil }
+        if !promoted.isEmpty {
+            // Only those that reached a memory server count (placement may fall back to the spill).
+            let up = state.withLock { s in
+                promoted.count { i in
+                    let index = Int(batch.locations[i]!.raw >> Self.slotBits)
+                    return index < s.leases.count && s.leases[index].map { !$0.server.isLocal } == true
+                }
+            }
+            promotedPages.wrappingAdd(UInt64(up), ordering: .relaxed)
+            if up < promoted.count { promoting.store(false, ordering: .relaxed) }
         }
         release((0..<batch.count).compactMap { batch.errors[$0] == nil ? stale[$0] : nil })
     }

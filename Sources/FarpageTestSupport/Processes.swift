@@ -167,7 +167,7 @@ public final class MemserverProcess: @unchecked Sendable {
     public var adminSocket: String { directory + "/admin.sock" }
 
     public init(capacity: String = "64MiB", leaseSize: String = "4MiB", grace: String = "30s", secret: String? = nil,
-                port listenPort: Int = 0, headroom: String = "0") throws
+                port listenPort: Int = 0, headroom: String = "0", keys extraKeys: String = "") throws
     {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("fp-ms-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -186,6 +186,7 @@ public final class MemserverProcess: @unchecked Sendable {
             threads = 2
             headroom = "\(headroom)"
             admin_socket = "\(directory)/admin.sock"
+            \(extraKeys)
             [log]
             level = "info"
             """.write(toFile: directory + "/memserver.toml", atomically: true, encoding: .utf8)

@@ -88,6 +88,10 @@ public protocol PageStore: AnyObject, Sendable {
     func release(_ locations: [PageLocation])
     /// Whether the copy at `location` can be read now (its tier is up).
     func isReadable(_ location: PageLocation) -> Bool
+    /// Whether a clean page whose copy is at `location`, used since it was fetched, should be
+    /// written again when evicted rather than only dropped: its copy cannot be read now, or
+    /// the store wants it in a faster tier (promotion).
+    func rewriteOnEviction(_ location: PageLocation) -> Bool
     /// Reads `batch` (kind `.read`) on the calling thread, calling `ready(k)` whenever pages
     /// `0..<k` are complete (k grows; the last call has `batch.count`), so the caller can
     /// install the first pages while later ones are still on their way. Page `i` failed when
@@ -97,6 +101,7 @@ public protocol PageStore: AnyObject, Sendable {
 
 extension PageStore {
     public func isReadable(_ location: PageLocation) -> Bool { true }
+    public func rewriteOnEviction(_ location: PageLocation) -> Bool { !isReadable(location) }
 
     /// Tiers without streaming reads: the whole batch, then one `ready`.
     public func read(_ batch: PageIOBatch, chunkPages: Int, ready: (Int) -> Void) {

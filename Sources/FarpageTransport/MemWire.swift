@@ -23,6 +23,15 @@ public enum MemWire {
     public static let maxErrorText = 1024
     /// Most lease ids one LEASES or RECLAIM reply may carry.
     public static let maxLeaseIDs = 65536
+    /// Most leases one LEASE_KEYS request may name.
+    public static let maxKeysPerRequest = 1024
+    /// The one-time token that binds an rdma_cm connection to an authenticated agent.
+    public static let rdmaTokenSize = 32
+    /// Most bytes of the host in RDMA_ENDPOINT.
+    public static let maxEndpointHost = 64
+    /// rdma_cm private data of a connection request: "FPR1" then the token (36 of the 56 bytes
+    /// an RC connection request may carry).
+    public static let rdmaPrivateMagic: [UInt8] = Array("FPR1".utf8)
 }
 
 public enum MemMessageType: UInt16, Sendable {
@@ -34,6 +43,8 @@ public enum MemMessageType: UInt16, Sendable {
     case write = 6
     case ping = 7
     case reclaimQuery = 8
+    case rdmaConnect = 9
+    case leaseKeys = 10
     case ok = 0x80
     case challenge = 0x81
     case authOK = 0x82
@@ -41,6 +52,8 @@ public enum MemMessageType: UInt16, Sendable {
     case data = 0x85
     case pong = 0x87
     case reclaim = 0x88
+    case rdmaEndpoint = 0x89
+    case keys = 0x8A
     case error = 0x8F
 }
 
@@ -72,6 +85,39 @@ public enum MemErrorCode: UInt32, Sendable {
     case outOfBounds = 6
     case corrupt = 7
     case shuttingDown = 8
+    /// RDMA_CONNECT or LEASE_KEYS on a server without an RDMA listener, or LEASE_KEYS before
+    /// the agent connected over RDMA.
+    case rdmaUnavailable = 9
+}
+
+/// Where and how to open an RDMA connection to a memory server (RDMA_ENDPOINT).
+public struct RDMAEndpoint: Equatable, Sendable {
+    /// rdma_cm port.
+    public var port: UInt16
+    /// Address to connect to; empty: the address the agent reached the server at over TCP.
+    public var host: String
+    /// One-time token for the rdma_cm connection request's private data.
+    public var token: [UInt8]
+    public init(port: UInt16, host: String, token: [UInt8]) {
+        self.port = port
+        self.host = host
+        self.token = token
+    }
+}
+
+/// One lease's RDMA window (KEYS): its bytes start at `address` in the server and `rkey` reaches
+/// exactly `length` bytes from there, through this agent's queue pairs only.
+public struct LeaseKey: Equatable, Sendable {
+    public var leaseID: UInt64
+    public var address: UInt64
+    public var length: UInt64
+    public var rkey: UInt32
+    public init(leaseID: UInt64, address: UInt64, length: UInt64, rkey: UInt32) {
+        self.leaseID = leaseID
+        self.address = address
+        self.length = length
+        self.rkey = rkey
+    }
 }
 
 /// Server counters in a PONG.
@@ -105,6 +151,10 @@ public enum MemRequest: Equatable, Sendable {
     case ping
     /// Which of my leases does the server want back?
     case reclaimQuery
+    /// Where is your RDMA listener? (reply RDMA_ENDPOINT, with a one-time token)
+    case rdmaConnect
+    /// The RDMA windows of these leases (reply KEYS).
+    case leaseKeys([UInt64])
 }
 
 public enum MemReply: Equatable, Sendable {
@@ -115,6 +165,8 @@ public enum MemReply: Equatable, Sendable {
     case data(checksums: [UInt64], data: [UInt8])
     case pong(MemServerStats)
     case reclaim(leases: [UInt64])
+    case rdmaEndpoint(RDMAEndpoint)
+    case keys([LeaseKey])
     case error(code: UInt32, message: String)
 }
 
@@ -221,6 +273,11 @@ extension MemWire {
             w.bytes += data
         case .ping: type = .ping
         case .reclaimQuery: type = .reclaimQuery
+        case .rdmaConnect: type = .rdmaConnect
+        case .leaseKeys(let ids):
+            type = .leaseKeys
+            w.u32(UInt32(ids.count))
+            for id in ids { w.u64(id) }
         }
         return frame(type, requestID: requestID, body: w.bytes)
     }
@@ -285,6 +342,17 @@ extension MemWire {
         case .reclaimQuery:
             try exact(0, "RECLAIM_QUERY")
             return .reclaimQuery
+        case .rdmaConnect:
+            try exact(0, "RDMA_CONNECT")
+            return .rdmaConnect
+        case .leaseKeys:
+            try r.need(4, "LEASE_KEYS")
+            let n = Int(r.u32())
+            guard (1...maxKeysPerRequest).contains(n) else {
+                throw MemWireError("LEASE_KEYS of \(n) leases (1...\(maxKeysPerRequest))")
+            }
+            try exact(4 + 8 * n, "LEASE_KEYS of \(n) leases")
+            return .leaseKeys((0..<n).map { _ in r.u64() })
         default:
             throw MemWireError("message type \(type.rawValue) is not a request")
         }
@@ -326,6 +394,23 @@ extension MemWire {
             type = .reclaim
             w.u32(UInt32(ids.count))
             for id in ids { w.u64(id) }
+        case .rdmaEndpoint(let e):
+            type = .rdmaEndpoint
+            let host = Array(e.host.utf8.prefix(maxEndpointHost))
+            w.u16(e.port)
+            w.u16(UInt16(host.count))
+            w.bytes += host
+            w.bytes += e.token
+        case .keys(let keys):
+            type = .keys
+            w.u32(UInt32(keys.count))
+            for k in keys {
+                w.u64(k.leaseID)
+                w.u64(k.address)
+                w.u64(k.length)
+                w.u32(k.rkey)
+                w.u32(0)
+            }
         case .error(let code, let message):
             type = .error
             w.u32(code)
@@ -362,6 +447,24 @@ extension MemWire {
             guard body.count == 36 else { throw MemWireError("malformed PONG") }
             return .pong(MemServerStats(capacityBytes: r.u64(), usedBytes: r.u64(), leaseBytes: r.u64(),
                                         leasesHeld: r.u32(), agents: r.u32(), reclaiming: r.u32()))
+        case .rdmaEndpoint:
+            try r.need(4, "RDMA_ENDPOINT")
+            let port = r.u16()
+            let n = Int(r.u16())
+            guard port != 0, n <= maxEndpointHost, r.remaining == n + rdmaTokenSize else {
+                throw MemWireError("malformed RDMA_ENDPOINT (port \(port), host of \(n) bytes, \(body.count) bytes in all)")
+            }
+            let host = String(decoding: r.raw(n), as: UTF8.self)
+            return .rdmaEndpoint(RDMAEndpoint(port: port, host: host, token: r.raw(rdmaTokenSize)))
+        case .keys:
+            try r.need(4, "KEYS")
+            let n = Int(r.u32())
+            guard n <= maxKeysPerRequest, r.remaining == n * 32 else { throw MemWireError("malformed KEYS") }
+            return .keys((0..<n).map { _ in
+                let k = LeaseKey(leaseID: r.u64(), address: r.u64(), length: r.u64(), rkey: r.u32())
+                _ = r.u32()
+                return k
+            })
         case .error:
             try r.need(4, "ERROR")
             let code = r.u32()
@@ -369,5 +472,17 @@ extension MemWire {
         default:
             throw MemWireError("message type \(type.rawValue) is not a reply")
         }
+    }
+}
+
+extension MemWire {
+    /// The private data of an rdma_cm connection request: magic, then the token.
+    public static func rdmaPrivateData(token: [UInt8]) -> [UInt8] { rdmaPrivateMagic + token }
+
+    /// The token in a connection request's private data (which the transport may pad with
+    /// zeros), or nil when it is not ours.
+    public static func rdmaToken(fromPrivateData data: [UInt8]) -> [UInt8]? {
+        guard data.count >= rdmaPrivateMagic.count + rdmaTokenSize, Array(data.prefix(4)) == rdmaPrivateMagic else { return nil }
+        return Array(data[4..<(4 + rdmaTokenSize)])
     }
 }

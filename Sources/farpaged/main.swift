@@ -88,6 +88,12 @@ struct MemserverCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Local admin socket for farpagectl memserver; \"\" for none (overrides memserver.admin_socket).")
     var adminSocket: String?
 
+    @Option(name: .long, help: "Data plane: auto (RDMA too when a device exists), tcp, rdma (overrides memserver.transport).")
+    var transport: String?
+
+    @Option(name: .long, help: "rdma_cm address to listen on, HOST:PORT (overrides memserver.rdma_listen).")
+    var rdmaListen: String?
+
     @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String?
 
@@ -108,6 +114,18 @@ struct MemserverCommand: AsyncParsableCommand {
                 cfg.capacityBytes = n
             }
             if let secretFile { cfg.secretFile = secretFile }
+            if let transport {
+                guard let t = MemserverTransport(rawValue: transport) else {
+                    throw MemserverConfigError(key: "--transport", problem: "must be auto, tcp or rdma", fix: "e.g. --transport auto")
+                }
+                cfg.transport = t
+            }
+            if let rdmaListen {
+                guard let (host, port) = parseListen(rdmaListen) else {
+                    throw MemserverConfigError(key: "--rdma-listen", problem: "must be HOST:PORT", fix: "e.g. --rdma-listen 10.0.0.5:7202")
+                }
+                (cfg.rdmaHost, cfg.rdmaPort) = (host, port)
+            }
             if let adminSocket {
                 guard adminSocket.isEmpty || adminSocket.hasPrefix("/") else {
                     throw MemserverConfigError(key: "--admin-socket", problem: "must be an absolute path or empty",

@@ -23,6 +23,7 @@ struct Workload: ParsableCommand {
     @Option(help: "Random seed.") var seed: UInt64 = 1
     @Option(help: "Region name shown by farpagectl.") var name = "fp-workload"
     @Option(help: "Seconds to stay alive after the work, holding the region.") var hold = 0.0
+    @Option(help: "seq: seconds to wait between writing the region and verifying it, each pass.") var pause = 0.0
     @Flag(help: "Print a JSON summary line instead of text.") var json = false
     @Option(help: "zipf/sweep: reads measured.") var accesses = 100_000
     @Option(help: "zipf: fraction of pages that are hot.") var hotFraction = 0.1
@@ -114,6 +115,7 @@ struct Workload: ParsableCommand {
                     p += stride
                 }
             }
+            if pause > 0 { Thread.sleep(forTimeInterval: pause) }
             let bad = Counter()
             let sums = Counter()
             parallel(stride) { t in

@@ -40,6 +40,11 @@ import Testing
         ("[agnet]\nsocket = \"/x\"", "agnet", "unknown section"),
         ("[store]\nkind = \"nvme\"", "store.kind", "memory"),
         ("[log]\nlevel = \"loud\"", "log.level", "one of"),
+        ("[tiering]\ndemote_above = 0.5\ndemote_to = 0.6", "tiering.demote_to", "below demote_above"),
+        ("[tiering]\ndemote_above = 1.5", "tiering.demote_above", "fraction"),
+        ("[tiering]\ndemote_after = \"soon\"", "tiering.demote_after", "30s"),
+        ("[tiering]\npromote = \"yes\"", "tiering.promote", "true or false"),
+        ("[store]\nlease_size = 5000", "store.lease_size", "whole number of pages"),
         ("[agent\nsocket = 1", "config", "not valid TOML at line"),
     ])
     func badConfigNamesTheKeyAndTheFix(_ text: String, _ key: String, _ hint: String) {
