@@ -84,7 +84,9 @@ test: deps
 # 5-7x slower, and slow enough to trip the agent's io_timeout by themselves.
 test-vm: deps vm-deps vm-run
 
+# (The debug build is for the Swift tests run in a guest, swift-tests-6.1; `make test` has it.)
 vm-run:
+	$(SWIFT) build --build-tests
 	$(SWIFT) build -c release --static-swift-stdlib
 	FARPAGE_BIN_DIR=$(CURDIR)/$(RELEASE) scripts/vm/test-vm.sh $(VM_SCENARIOS)
 

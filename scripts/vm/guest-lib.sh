@@ -52,18 +52,24 @@ json() { python3 -c 'import json, sys; j = json.load(open(sys.argv[1])); print(e
 start_memserver() {
   log="$FARPAGE_VM_OUT/$1.log"
   [ -s "$WORK/cluster.secret" ] || { head -c 32 /dev/urandom | base64 > "$WORK/cluster.secret"; chmod 600 "$WORK/cluster.secret"; }
-  # RDMA: the transport's own listen option goes here when the rdma branch lands.
+  # RDMA: with FARPAGE_VM_TRANSPORT=rdma the server must listen on rdma_cm (default port 7202
+  # on the same address); otherwise it picks (auto: RDMA too where a device is up).
+  transport_option=""
+  [ "$TRANSPORT" = rdma ] && transport_option="--transport rdma"
+  # shellcheck disable=SC2086 # transport_option is zero or two words
   "$BIN/farpaged" memserver --listen "$RDMA_ADDR:0" --capacity "$2" --secret-file "$WORK/cluster.secret" \
-    --admin-socket "$WORK/$1.sock" --log-level info 2> "$log" &
+    --admin-socket "$WORK/$1.sock" --log-level info $transport_option 2> "$log" &
   MEMSERVER_PID=$!
   wait_for 60 "$1 to listen" grep -q "fp.listen=$RDMA_ADDR:" "$log"
   MEMSERVER_PORT=$(sed -n "s/.*fp.listen=$RDMA_ADDR:\([0-9]*\).*/\1/p" "$log" | head -1)
 }
 
 # start_agent: an agent whose far tier is the memory server at $MEMSERVER_PORT (and a small
-# local spill); sets AGENT_PID, AGENT_SOCKET. Extra TOML lines for [pool] come from $POOL_EXTRA.
+# local spill); sets AGENT_PID, AGENT_SOCKET. Extra TOML lines for [pool] come from
+# $POOL_EXTRA; [pool] transport is $TRANSPORT unless POOL_EXTRA names one.
 start_agent() {
   AGENT_SOCKET="$WORK/agent.sock"
+  case "${POOL_EXTRA:-}" in *transport*) pool_transport="" ;; *) pool_transport="transport = \"$TRANSPORT\"" ;; esac
   cat > "$WORK/agent.toml" <<TOML
 [agent]
 socket = "$AGENT_SOCKET"
@@ -80,6 +86,8 @@ servers = ["$RDMA_ADDR:$MEMSERVER_PORT"]
 secret_file = "$WORK/cluster.secret"
 heartbeat = "${HEARTBEAT:-1s}"
 io_timeout = "${IO_TIMEOUT:-2s}"
+$pool_transport
+${POOL_EXTRA:-}
 [log]
 level = "info"
 TOML

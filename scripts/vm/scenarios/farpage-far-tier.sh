@@ -32,8 +32,21 @@ start_agent
 monitor_agent &
 MONITOR_PID=$!
 "$BIN/farpagectl" pool list --socket "$AGENT_SOCKET"
-# RDMA: when FARPAGE_VM_TRANSPORT=rdma, assert here that the pool entry's transport is rdma
-# (farpagectl pool list --json: .transport) and that the server's log shows an RDMA connection.
+# The pool entry uses the transport asked for (RDMA: the data path comes up with the first lease).
+server_transport() {
+  "$BIN/farpagectl" pool list --json --socket "$AGENT_SOCKET" > "$WORK/pool-t.json" &&
+    json "$WORK/pool-t.json" "[s['transport'] for s in j if s['address'] == '$RDMA_ADDR:$MEMSERVER_PORT'][0]"
+}
+transport_is_expected() { [ "$(server_transport)" = "$TRANSPORT" ]; }
+# check_transport: still on $TRANSPORT (RDMA: up, and never fell back to TCP).
+check_transport() {
+  t=$(server_transport)
+  [ "$t" = "$TRANSPORT" ] || fail "the memory server's transport is $t, expected $TRANSPORT"
+  if [ "$TRANSPORT" = rdma ]; then
+    grep -q 'listening for RDMA connections' "$FARPAGE_VM_OUT/memserver.log" || fail "the memory server has no rdma_cm listener"
+    grep -q 'RDMA data path up' "$FARPAGE_VM_OUT/agent.log" || fail "the agent never brought RDMA up"
+  fi
+}
 
 # run_workload NAME ARGS...: fp-workload in the background (its JSON line in NAME.json).
 run_workload() {
@@ -70,6 +83,7 @@ f=$FARPAGE_VM_OUT/far-tier.json
 for c in evictions writebacks fetches; do
   [ "$(json "$f" "j['$c']")" -gt 0 ] || fail "no $c: the far tier was not used"
 done
+check_transport
 status_json "$FARPAGE_VM_OUT/status-1.json"
 [ "$(json "$FARPAGE_VM_OUT/status-1.json" "j['totals']['lost_pages']")" = 0 ] || fail "pages were lost"
 
@@ -105,6 +119,7 @@ disrupt() {
   status_json "$FARPAGE_VM_OUT/status-$name.json"
   [ "$(json "$FARPAGE_VM_OUT/status-$name.json" "[s['status'] for s in j['pool'] if s['address'] == '$RDMA_ADDR:$MEMSERVER_PORT'][0]")" = healthy ] \
     || fail "$name: the memory server is not healthy again"
+  wait_for 30 "the $TRANSPORT data path back" transport_is_expected
   LOST=$(( $(json "$FARPAGE_VM_OUT/status-$name.json" "j['totals']['lost_pages']") - lost_before ))
 }
 

@@ -3,6 +3,7 @@
 # emulation). FARPAGE_VM_SWIFT_FILTER picks them (a --filter regular expression); the default
 # covers the kernel facts and a memory server dying under a workload (the lost-page path).
 . "$FARPAGE_VM_REPO/scripts/vm/guest-lib.sh"
+WORK=$(mktemp -d)
 filter="${FARPAGE_VM_SWIFT_FILTER:-KernelTests|aServerThatDiesIsReported}"
 # The test bundle is a debug build; its agents and memory servers are the debug binaries too.
 debug="$FARPAGE_VM_REPO/.build/debug"
@@ -12,8 +13,9 @@ export FARPAGE_BIN_DIR="$debug"
 [ -n "${FARPAGE_LIB:-}" ] || FARPAGE_LIB="$FARPAGE_VM_REPO/.build/release/libfarpage.so"
 export FARPAGE_LIB
 step "swift tests on $(uname -r): --filter '$filter'"
-"$bundle" --testing-library swift-testing --filter "$filter" > "$FARPAGE_VM_OUT/swift-tests.log" 2>&1
-rc=$?
-grep -E '✔|✘|↷|passed after|failed after|skipped' "$FARPAGE_VM_OUT/swift-tests.log" | sed 's/\x1b\[[0-9;]*m//g'
+# Results on the console as they come (dash has no pipefail: the status goes through a file).
+{ "$bundle" --testing-library swift-testing --filter "$filter" 2>&1; echo $? > "$WORK/rc"; } \
+  | tee "$FARPAGE_VM_OUT/swift-tests.log" | sed -u 's/\x1b\[[0-9;]*m//g' | grep --line-buffered -E 'passed after|failed after|skipped|✘'
+rc=$(cat "$WORK/rc")
 [ $rc = 0 ] || fail "swift tests failed (status $rc): $FARPAGE_VM_OUT/swift-tests.log"
 echo "PASS: swift tests on $(uname -r)"
