@@ -37,7 +37,15 @@ server_transport() {
   "$BIN/farpagectl" pool list --json --socket "$AGENT_SOCKET" > "$WORK/pool-t.json" &&
     json "$WORK/pool-t.json" "[s['transport'] for s in j if s['address'] == '$RDMA_ADDR:$MEMSERVER_PORT'][0]"
 }
-transport_is_expected() { [ "$(server_transport)" = "$TRANSPORT" ]; }
+transport_is_expected() { [ "$(server_transport)" = "$TRANSPORT" ] && return 0
+  # Not back: say whether a fresh rdma_cm connection works here (then the daemons are stuck).
+  [ "$TRANSPORT" = rdma ] && [ "$(date +%s)" -ge "$deadline" ] && {
+    timeout 20 rping -s -a "$RDMA_ADDR" -p 7999 -C 1 >/dev/null 2>&1 & sleep 1
+    timeout 20 rping -c -a "$RDMA_ADDR" -p 7999 -C 1 >/dev/null 2>&1 && echo "diagnosis: a fresh rping over rxe0 works: the agent's or server's RDMA endpoint did not recover" \
+      || echo "diagnosis: a fresh rping over rxe0 fails too: rxe0 did not recover"
+    wait; }
+  return 1
+}
 # check_transport: still on $TRANSPORT (RDMA: up, and never fell back to TCP).
 check_transport() {
   t=$(server_transport)
@@ -95,6 +103,7 @@ fetched_since() { [ "$(fetches_now)" -ge $(( $1 + $2 )) ]; }
 disrupt() {
   name=$1 seconds=$2 break=$3 restore=$4
   failed_before=$(grep -c 'memory server failed' "$FARPAGE_VM_OUT/agent.log")
+  rdma_failed_before=$(grep -c 'RDMA connection failed' "$FARPAGE_VM_OUT/agent.log")
   back_before=$(grep -c 'memory server answers again' "$FARPAGE_VM_OUT/agent.log")
   auth_before=$(grep -c 'agent authenticated' "$FARPAGE_VM_OUT/memserver.log")
   status_json "$WORK/before.json"
@@ -111,14 +120,22 @@ disrupt() {
   wait $WORKLOAD_PID; WORKLOAD_RC=$?
   cat "$FARPAGE_VM_OUT/$name.json" "$FARPAGE_VM_OUT/$name.err"
   echo "$name: workload ended (status $WORKLOAD_RC) at $(( $(date +%s) - t0 )) s"
-  [ "$(grep -c 'memory server failed' "$FARPAGE_VM_OUT/agent.log")" -gt "$failed_before" ] \
-    || fail "$name: the agent did not notice the broken connection"
-  wait_for 30 "the agent to take the server back" sh -c "[ \$(grep -c 'memory server answers again' '$FARPAGE_VM_OUT/agent.log') -gt $back_before ]"
+  # Noticed: the server marked failed, or (RDMA) its queue pair failed and requests went to TCP.
+  server_failed=$(( $(grep -c 'memory server failed' "$FARPAGE_VM_OUT/agent.log") - failed_before ))
+  rdma_failed=$(( $(grep -c 'RDMA connection failed' "$FARPAGE_VM_OUT/agent.log") - rdma_failed_before ))
+  [ $server_failed -gt 0 ] || [ $rdma_failed -gt 0 ] || fail "$name: the agent did not notice the broken connection"
+  echo "$name: the agent noticed: server marked failed $server_failed times, RDMA connection failed $rdma_failed times"
+  if [ $server_failed -gt 0 ]; then
+    wait_for 30 "the agent to take the server back" sh -c "[ \$(grep -c 'memory server answers again' '$FARPAGE_VM_OUT/agent.log') -gt $back_before ]"
+  fi
   echo "$name: the agent took the same server back; it authenticated the agent $(( $(grep -c 'agent authenticated' "$FARPAGE_VM_OUT/memserver.log") - auth_before )) more times (reconnects)"
   ! grep -q 'agent did not come back within the grace period' "$FARPAGE_VM_OUT/memserver.log" || fail "$name: the server freed the agent's leases"
   status_json "$FARPAGE_VM_OUT/status-$name.json"
   [ "$(json "$FARPAGE_VM_OUT/status-$name.json" "[s['status'] for s in j['pool'] if s['address'] == '$RDMA_ADDR:$MEMSERVER_PORT'][0]")" = healthy ] \
     || fail "$name: the memory server is not healthy again"
+  # The data path comes back on use (RDMA: reconnected with backoff when a request needs it).
+  run_workload "$name-after" --passes 1
+  wait $WORKLOAD_PID || fail "$name: a workload after the break failed (status $?)"
   wait_for 30 "the $TRANSPORT data path back" transport_is_expected
   LOST=$(( $(json "$FARPAGE_VM_OUT/status-$name.json" "j['totals']['lost_pages']") - lost_before ))
 }
@@ -159,11 +176,17 @@ known_gap() {
     | tee -a "$FARPAGE_VM_OUT/xfail"
 }
 
-# Down alone is not a break for TCP: an address on a downed device stays local and reachable.
-# Without its address nothing reaches the server (and for RDMA, the rxe port goes down too).
-step "3. the server's network device (dummy0) down and its address gone for ${PAUSE}s mid-run: known gap"
-disrupt netdev "$PAUSE" "ip link set dummy0 down && ip addr flush dev dummy0" \
-  "ip addr add $RDMA_ADDR/24 dev dummy0 && ip link set dummy0 up"
+# RDMA: the rxe netdev down and up (rxe0's port goes down, its queue pairs fail). TCP: down
+# alone is no break (an address on a downed device stays local and reachable), so the
+# address goes too.
+if [ "$TRANSPORT" = rdma ]; then
+  step "3. the rxe netdev (dummy0) down for ${PAUSE}s mid-run: known gap"
+  disrupt netdev "$PAUSE" "ip link set dummy0 down" "ip link set dummy0 up"
+else
+  step "3. the server's network device (dummy0) down and its address gone for ${PAUSE}s mid-run: known gap"
+  disrupt netdev "$PAUSE" "ip link set dummy0 down && ip addr flush dev dummy0" \
+    "ip addr add $RDMA_ADDR/24 dev dummy0 && ip link set dummy0 up"
+fi
 known_gap netdev "server unreachable for ${PAUSE}s" lenient
 
 step "4. memory server paused for ${LONG_PAUSE}s (longer than three io_timeouts): known gap"
