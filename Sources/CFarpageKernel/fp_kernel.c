@@ -26,6 +26,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -160,6 +161,16 @@ int64_t fp_uffd_poison(int fd, uint64_t start, uint64_t len, int dontwake) {
         if (errno == EAGAIN || errno == EINTR) continue;
         return -errno;
     }
+}
+
+int32_t fp_gettid(void) { return (int32_t)syscall(SYS_gettid); }
+
+int fp_signal_sigbus(int32_t pid, uint32_t tid) {
+    if (pid <= 0) return -ESRCH;
+    if (tid != 0 && syscall(SYS_tgkill, (pid_t)pid, (pid_t)tid, SIGBUS) == 0) return 1;
+    /* No thread id, or it names no thread of this process (gone, or counted in another pid
+     * namespace): the process. */
+    return kill((pid_t)pid, SIGBUS) == 0 ? 0 : -errno;
 }
 
 int fp_uffd_read_events(int fd, fp_uffd_event *out, int max) {

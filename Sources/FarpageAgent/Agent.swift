@@ -25,6 +25,8 @@ public final class Agent: @unchecked Sendable {
     public static let version = "0.1.0"
     public let config: AgentConfig
     public let probe: UffdProbe
+    /// How clients learn of a lost page on this kernel (UFFDIO_POISON, or SIGBUS on 6.1).
+    public let lostPageSignal: LostPageSignal
     let logger: Logger
     let store: PoolStore
     /// Configured servers not reached yet: retried on every heartbeat.
@@ -60,6 +62,12 @@ public final class Agent: @unchecked Sendable {
                 "userfaultfd is available to this agent only with UFFD_USER_MODE_ONLY; clients that are not privileged will do the same, so kernel accesses (read(2) into an evicted page) fail with EFAULT. Grant /dev/userfaultfd to fix (docs/operations.md)")
         }
         self.probe = probe
+        lostPageSignal = LostPageSignal(kernel: probe.features)
+        if lostPageSignal != .poison {
+            logger.notice(
+                "this kernel has no UFFDIO_POISON (UFFD_FEATURE_POISON, Linux 6.6): a client touching a lost page is sent SIGBUS (tgkill to the faulting thread) and its fault is never resolved, instead of a poisoned page-table entry",
+                metadata: ["fp.lost_page_signal": "\(lostPageSignal.rawValue)", "fp.uffd_features": "0x\(String(probe.features.rawValue, radix: 16))"])
+        }
         let page = UInt64(systemPageSize)
         var secret: ClusterSecret? = nil
         if let path = config.poolSecretFile {
@@ -327,7 +335,8 @@ public final class Agent: @unchecked Sendable {
         return AgentStatus(
             version: Self.version, pid: getpid(),
             uptimeSeconds: Double(monotonicNanoseconds() - startedAt) / 1e9, socket: config.socket,
-            uffdAccess: probe.access.rawValue, uffdFeatures: probe.features.names, pageSize: systemPageSize,
+            uffdAccess: probe.access.rawValue, uffdFeatures: probe.features.names, lostPageSignal: lostPageSignal.rawValue,
+            pageSize: systemPageSize,
             faultThreads: config.effectiveFaultThreads, budgetPages: budget.budgetPages,
             residentPages: budget.residentPages, highWatermarkPages: budget.highPages,
             lowWatermarkPages: budget.lowPages,

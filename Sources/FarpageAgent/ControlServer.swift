@@ -374,7 +374,8 @@ final class ControlServer: @unchecked Sendable {
         let spec = RegionSpec(address: r.address, length: r.length, pageSize: Int(page),
                               name: r.name.isEmpty ? "region" : r.name, owner: c.peer, budgetPages: budgetPages)
         let region: Region
-        do { region = try agent.addRegion(spec: spec, uffd: Userfaultfd(uffdDescriptor), memfd: memfd) } catch {
+        do { region = try agent.addRegion(
+                spec: spec, uffd: Userfaultfd(uffdDescriptor, owner: c.peer.pid, lostPageSignal: agent.lostPageSignal), memfd: memfd) } catch {
             return self.error(error.errno, .kernel, "the agent cannot watch this userfaultfd: \(error)")
         }
         c.regions.insert(region.id)
@@ -416,7 +417,8 @@ final class ControlServer: @unchecked Sendable {
             return error(ENOMEM, .limit, "the agent already serves agent.max_regions (\(agent.config.maxRegions)) views")
         }
         let view: RegionView
-        do { view = try agent.addView(of: region, uffd: Userfaultfd(descriptors[1]), owner: c.peer) } catch {
+        do { view = try agent.addView(
+                of: region, uffd: Userfaultfd(descriptors[1], owner: c.peer.pid, lostPageSignal: agent.lostPageSignal), owner: c.peer) } catch {
             return self.error(error.errno, .kernel, "the agent cannot watch this userfaultfd: \(error)")
         }
         c.views.insert(view.id)

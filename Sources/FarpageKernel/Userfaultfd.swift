@@ -39,6 +39,25 @@ public struct UffdFeatures: OptionSet, Sendable, Hashable {
     public var names: [String] { Self.names.filter { contains($0.0) }.map(\.1) }
 }
 
+/// How a client learns that a page's data is lost (its only copy died): it must get SIGBUS,
+/// never zeros or another page's bytes.
+public enum LostPageSignal: String, Sendable {
+    /// `UFFDIO_POISON` (Linux 6.6+): the client's page-table entry raises SIGBUS on every
+    /// touch, with `si_code` BUS_MCEERR_AR and the address.
+    case poison = "uffdio_poison"
+    /// Kernels without `UFFD_FEATURE_POISON` (Debian 12's 6.1): the page stays missing and the
+    /// fault is never resolved; the thread that touched it is sent SIGBUS with `tgkill(2)` (the
+    /// fault event names it: `UFFD_FEATURE_THREAD_ID`), else the whole process with `kill(2)`.
+    /// The signal is not synchronous: `si_code` is SI_TKILL and there is no `si_addr`. A
+    /// handler that returns touches the page again, faults again, and gets another SIGBUS.
+    case sigbusToFaultingThread = "sigbus_to_faulting_thread"
+
+    /// What this kernel allows.
+    public init(kernel features: UffdFeatures) {
+        self = features.contains(.poison) ? .poison : .sigbusToFaultingThread
+    }
+}
+
 /// How a userfaultfd can be obtained on this host.
 public enum UffdAccess: String, Sendable {
     case device = "/dev/userfaultfd"
@@ -123,8 +142,17 @@ public struct UffdEvent: Sendable {
 public final class Userfaultfd: @unchecked Sendable {
     public let descriptor: OwnedDescriptor
     public var rawValue: Int32 { descriptor.rawValue }
+    /// The process whose faults this userfaultfd reports (as the agent's pid namespace sees
+    /// it; 0 when unknown). Signalled on a lost page where the kernel cannot poison.
+    public let owner: Int32
+    /// How `poison(address:length:thread:)` makes a lost page fail.
+    public let lostPageSignal: LostPageSignal
 
-    public init(_ descriptor: OwnedDescriptor) { self.descriptor = descriptor }
+    public init(_ descriptor: OwnedDescriptor, owner: Int32 = 0, lostPageSignal: LostPageSignal = .poison) {
+        self.descriptor = descriptor
+        self.owner = owner
+        self.lostPageSignal = lostPageSignal
+    }
 
     /// Result of an install.
     public enum InstallResult: Equatable, Sendable {
@@ -173,7 +201,19 @@ public final class Userfaultfd: @unchecked Sendable {
     /// A page that was write-protected and then punched keeps a uffd-wp marker in the client's
     /// page table, and `UFFDIO_POISON` refuses such an entry with EEXIST; the marker is
     /// cleared by un-protecting the range first.
-    public func poison(address: UInt64, length: UInt64) throws(KernelError) {
+    ///
+    /// Where the kernel has no `UFFDIO_POISON` (`lostPageSignal` is `.sigbusToFaultingThread`)
+    /// the range is left missing, so the fault is never resolved, and `thread` (the faulting
+    /// thread from the fault event; 0 if unknown) or else the owner process gets SIGBUS.
+    /// - Parameter thread: the thread id from the page-fault event being answered.
+    public func poison(address: UInt64, length: UInt64, thread: UInt32 = 0) throws(KernelError) {
+        if lostPageSignal == .sigbusToFaultingThread {
+            guard owner > 0 else { throw KernelError("tgkill(SIGBUS)", errno: 3) }  // ESRCH: no owner known
+            let r = fp_signal_sigbus(owner, thread)
+            if r == -3 { return }  // the client is gone
+            _ = try check(r, "tgkill(SIGBUS)")
+            return
+        }
         var r = fp_uffd_poison(rawValue, address, length, 0)
         if r == -17 {
             _ = fp_uffd_writeprotect(rawValue, address, length, FP_UFFD_WP_MODE_DONTWAKE)

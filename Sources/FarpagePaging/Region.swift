@@ -126,6 +126,7 @@ public final class Region: @unchecked Sendable {
         let page: Int
         let location: PageLocation
         let writable: Bool
+        let thread: UInt32  // the faulting thread (for SIGBUS where the kernel cannot poison)
         let since: UInt64  // monotonic ns
     }
     /// `core.waiting.count`, readable without the lock.
@@ -289,12 +290,12 @@ extension Region {
             if let plan {
                 // In a stream, the faulting page heads the fetch-ahead batch: it comes back
                 // with the first chunk, and the rest streams in behind it.
-                prefetch(from: page, demand: location, plan: plan, writable: write, staging: staging)
+                prefetch(from: page, demand: location, plan: plan, writable: write, staging: staging, thread: thread)
                 return residentPages > highPages || agentBudget.residentPages > agentBudget.highPages
             }
-            fetchAndInstall(page: page, location: location, writable: write, staging: staging)
+            fetchAndInstall(page: page, location: location, writable: write, staging: staging, thread: thread)
         case .poison:
-            do { try uffd.poison(address: pageAddress, length: UInt64(spec.pageSize)) } catch {
+            do { try uffd.poison(address: pageAddress, length: UInt64(spec.pageSize), thread: thread) } catch {
                 logger.error("poisoning a lost page failed", metadata: ["fp.error": "\(error)"])
             }
         case .wake: uffd.wake(address: pageAddress, length: UInt64(spec.pageSize))
@@ -306,7 +307,7 @@ extension Region {
         return residentPages > highPages || agentBudget.residentPages > agentBudget.highPages
     }
 
-    private func fetchAndInstall(page: Int, location: PageLocation, writable: Bool, staging: StagingBuffer) {
+    private func fetchAndInstall(page: Int, location: PageLocation, writable: Bool, staging: StagingBuffer, thread: UInt32 = 0) {
         let batch = PageIOBatch(kind: .read, capacity: 1)
         batch.append(buffer: staging.page(0), location: location)
         var attempt = 0
@@ -318,12 +319,13 @@ extension Region {
             // The tier is down but may come back (a memory server stopped answering; it keeps
             // our leases through its grace period): the fault waits for it, off this thread.
             if error.code != .lost, policy.outageWaitMilliseconds > 0, store.mayComeBack(location) {
-                wait(page: page, location: location, writable: writable, since: monotonicNanoseconds(), error: error)
+                wait(page: page, location: location, writable: writable, thread: thread, since: monotonicNanoseconds(),
+                     error: error)
                 return
             }
             // A page gone for good is poisoned at once; one the tier cannot reach now is retried.
             if attempt >= 3 || error.code == .lost {
-                giveUp(page: page, error: error)
+                giveUp(page: page, error: error, thread: thread)
                 return
             }
             // A moment before trying again (50 ms, then 100 ms), so that a connection reset or a
@@ -335,7 +337,8 @@ extension Region {
     }
 
     /// Poisons a page its far tier could not return (the client gets SIGBUS on touch).
-    private func giveUp(page: Int, error: StoreError) {
+    /// - Parameter thread: the faulting thread (signalled instead on kernels without UFFDIO_POISON).
+    private func giveUp(page: Int, error: StoreError, thread: UInt32) {
         logger.error(
             "far tier could not return a page; poisoning it (the client gets SIGBUS on touch)",
             metadata: ["fp.page": "\(page)", "fp.error": "\(error)"])
@@ -344,15 +347,15 @@ extension Region {
             PageTransitions.fetchFailed(&c.table[page])
             c.far -= 1
         }
-        try? uffd.poison(address: address(ofPage: page), length: UInt64(spec.pageSize))
+        try? uffd.poison(address: address(ofPage: page), length: UInt64(spec.pageSize), thread: thread)
     }
 
     /// Leaves a fault unresolved until its far tier is back: the page stays *fetching* (other
     /// faults on it wait too), the client's thread stays blocked in the kernel, and the fault
     /// thread goes on serving other pages.
-    private func wait(page: Int, location: PageLocation, writable: Bool, since: UInt64, error: StoreError) {
+    private func wait(page: Int, location: PageLocation, writable: Bool, thread: UInt32, since: UInt64, error: StoreError) {
         let first = core.withLock { c -> Bool in
-            c.waiting.append(WaitingFault(page: page, location: location, writable: writable, since: since))
+            c.waiting.append(WaitingFault(page: page, location: location, writable: writable, thread: thread, since: since))
             waitingFaults.store(c.waiting.count, ordering: .relaxed)
             return c.waiting.count == 1
         }
@@ -389,7 +392,10 @@ extension Region {
                 if !expired, error.code != .lost, store.mayComeBack(w.location) {
                     still.append(w)
                 } else {
-                    giveUp(page: w.page, error: expired ? StoreError(error.code, "\(error.message); waited \(policy.outageWaitMilliseconds / 1000) s (outage_wait)") : error)
+                    let why = expired
+                        ? StoreError(error.code, "\(error.message); waited \(policy.outageWaitMilliseconds / 1000) s ([pool] outage_wait)")
+                        : error
+                    giveUp(page: w.page, error: why, thread: w.thread)
                 }
                 continue
             }
@@ -468,7 +474,7 @@ extension Region {
     /// working set out).
     /// - Parameter speculative: false for pages the client declared it will use (a stream hint).
     private func prefetch(from page: Int, demand: PageLocation?, plan: StrideDetector.Issue, writable: Bool, staging: StagingBuffer,
-                          speculative: Bool = true)
+                          speculative: Bool = true, thread: UInt32 = 0)
     {
         let room = budgetPages - 1 - residentPages
         let window = max(0, min(plan.count, staging.pages - 1, room))
@@ -552,7 +558,7 @@ extension Region {
         counters.fetches.bump(UInt64(max(0, fetched - (demand != nil && !demandFailed ? 1 : 0))))
         if demandFailed, let demand {
             // The demand page alone, with its retries (and poison when it is lost).
-            fetchAndInstall(page: page, location: demand, writable: writable, staging: staging)
+            fetchAndInstall(page: page, location: demand, writable: writable, staging: staging, thread: thread)
         }
     }
 

@@ -118,7 +118,7 @@ public final class RegionView: FaultTarget, @unchecked Sendable {
                 if let error = batch.errors[0] {
                     if error.code == .lost {
                         logger.error("a forked child's page is lost; poisoning it in the child", metadata: ["fp.page": "\(page)"])
-                        try? uffd.poison(address: pageAddress, length: UInt64(spec.pageSize))
+                        try? uffd.poison(address: pageAddress, length: UInt64(spec.pageSize), thread: thread)
                         return false
                     }
                     usleep(UInt32(min(round + 1, 10)) * 10_000)
@@ -132,7 +132,7 @@ public final class RegionView: FaultTarget, @unchecked Sendable {
                 install(pageAddress, from: staging.page(0))
                 return false
             case .lost:
-                try? uffd.poison(address: pageAddress, length: UInt64(spec.pageSize))
+                try? uffd.poison(address: pageAddress, length: UInt64(spec.pageSize), thread: thread)
                 return false
             case .resident, .evicting:
                 // In the memfd: retrying finds it in the page cache.

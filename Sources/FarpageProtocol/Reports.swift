@@ -6,6 +6,9 @@ public struct AgentStatus: Codable, Sendable {
     public var socket: String
     public var uffdAccess: String
     public var uffdFeatures: [String]
+    /// How a client touching a lost page gets SIGBUS: "uffdio_poison", or on kernels before
+    /// 6.6 "sigbus_to_faulting_thread" (absent from agents that predate it).
+    public var lostPageSignal: String?
     public var pageSize: Int
     public var faultThreads: Int
     public var budgetPages: Int
@@ -21,7 +24,7 @@ public struct AgentStatus: Codable, Sendable {
     public var pool: [PoolServer]
 
     public init(version: String, pid: Int32, uptimeSeconds: Double, socket: String, uffdAccess: String,
-                uffdFeatures: [String], pageSize: Int, faultThreads: Int, budgetPages: Int, residentPages: Int,
+                uffdFeatures: [String], lostPageSignal: String? = nil, pageSize: Int, faultThreads: Int, budgetPages: Int, residentPages: Int,
                 highWatermarkPages: Int, lowWatermarkPages: Int, store: StoreStatus, regions: Int, clients: Int,
                 bookkeepingBytes: Int, totals: [String: UInt64], shuttingDown: Bool, pool: [PoolServer] = [])
     {
@@ -32,6 +35,7 @@ public struct AgentStatus: Codable, Sendable {
         self.socket = socket
         self.uffdAccess = uffdAccess
         self.uffdFeatures = uffdFeatures
+        self.lostPageSignal = lostPageSignal
         self.pageSize = pageSize
         self.faultThreads = faultThreads
         self.budgetPages = budgetPages

@@ -187,6 +187,7 @@ struct Status: ParsableCommand {
         print("farpaged \(s.version)  pid \(s.pid)  up \(String(format: "%.0f", s.uptimeSeconds))s\(s.shuttingDown ? "  (shutting down)" : "")")
         print("socket          \(s.socket)")
         print("userfaultfd     \(s.uffdAccess)")
+        if let signal = s.lostPageSignal { print("lost pages      \(signal)") }
         print("resident        \(bytes(UInt64(s.residentPages) * page)) of \(bytes(UInt64(s.budgetPages) * page)) budget (evict at \(bytes(UInt64(s.highWatermarkPages) * page)), down to \(bytes(UInt64(s.lowWatermarkPages) * page)))")
         print("far tier        \(s.store.kind): \(bytes(s.store.usedPages * page)) used of \(bytes(s.store.capacityPages * page))")
         print("regions         \(s.regions) from \(s.clients) client connection(s); bookkeeping \(bytes(UInt64(s.bookkeepingBytes)))")

@@ -94,6 +94,11 @@ int64_t fp_uffd_zeropage(int fd, uint64_t start, uint64_t len, int dontwake);
 int fp_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int fp_uffd_wake(int fd, uint64_t start, uint64_t len);
 int64_t fp_uffd_poison(int fd, uint64_t start, uint64_t len, int dontwake);
+/* SIGBUS to thread `tid` of process `pid` (tgkill), or to the process when tid is 0 or names
+ * no thread of it. Returns 1 (thread), 0 (process) or -errno. */
+int fp_signal_sigbus(int32_t pid, uint32_t tid);
+/* The calling thread's id (what a uffd fault event's thread id names). */
+int32_t fp_gettid(void);
 /* Read up to max messages without blocking (fd must be O_NONBLOCK). Returns
  * the count (0 when none is pending) or -errno. */
 int fp_uffd_read_events(int fd, fp_uffd_event *out, int max);

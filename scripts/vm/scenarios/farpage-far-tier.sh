@@ -1,0 +1,196 @@
+#!/bin/sh
+# Farpage on Debian's 6.1 kernel with a memory server on 10.78.0.1 as its far tier.
+#  1. fp-workload writes a region 4x its resident budget and verifies it byte for byte; the
+#     agent's counters show eviction, write-back and refetch, and the server held the pages.
+#  2. The same while the memory server is paused (SIGSTOP) past the agent's io_timeout and
+#     resumed: the agent must notice (server failed), take it back when it answers (same
+#     server, same leases) and the workload must still verify.
+#  3. The server's network device taken down (and its address away) and back, and
+#  4. a pause longer than the agent's fault retries: today's agent poisons the pages faulted
+#     meanwhile (a known gap, checked as a strict expected failure: see known_gap).
+# FARPAGE_VM_TRANSPORT=tcp (default) or rdma selects the agent-server transport.
+. "$FARPAGE_VM_REPO/scripts/vm/guest-lib.sh"
+WORK=$(mktemp -d)
+# A request fails after io_timeout (the default, 2 s, is exceeded now and then by a busy
+# emulated guest); heartbeats every second. The break lasts well past io_timeout.
+IO_TIMEOUT=3s HEARTBEAT=1s
+PAUSE=${FARPAGE_VM_PAUSE:-5}
+LONG_PAUSE=${FARPAGE_VM_LONG_PAUSE:-15}
+# Region and budget: 4x. Small, because everything runs under emulation (~30x slower).
+SIZE=${FARPAGE_VM_REGION:-4MiB} BUDGET=${FARPAGE_VM_BUDGET:-1MiB}
+WORKLOAD_TIMEOUT=240
+trap 'kill -CONT $MEMSERVER_PID 2>/dev/null; kill $MONITOR_PID $AGENT_PID $MEMSERVER_PID 2>/dev/null; wait' EXIT
+
+step "network ($TRANSPORT)"
+if [ "$TRANSPORT" = rdma ] && ! "$BIN/farpaged" memserver --help 2>&1 | grep -qi rdma; then
+  skip "FARPAGE_VM_TRANSPORT=rdma, but this build's farpaged has no RDMA transport"
+fi
+net_up
+step "memory server on $RDMA_ADDR and an agent using it"
+start_memserver memserver 256MiB
+start_agent
+monitor_agent &
+MONITOR_PID=$!
+"$BIN/farpagectl" pool list --socket "$AGENT_SOCKET"
+# The pool entry uses the transport asked for (RDMA: the data path comes up with the first lease).
+server_transport() {
+  "$BIN/farpagectl" pool list --json --socket "$AGENT_SOCKET" > "$WORK/pool-t.json" &&
+    json "$WORK/pool-t.json" "[s['transport'] for s in j if s['address'] == '$RDMA_ADDR:$MEMSERVER_PORT'][0]"
+}
+transport_is_expected() { [ "$(server_transport)" = "$TRANSPORT" ] && return 0
+  # Not back: say whether a fresh rdma_cm connection works here (then the daemons are stuck).
+  [ "$TRANSPORT" = rdma ] && [ "$(date +%s)" -ge "$deadline" ] && {
+    timeout 20 rping -s -a "$RDMA_ADDR" -p 7999 -C 1 >/dev/null 2>&1 & sleep 1
+    timeout 20 rping -c -a "$RDMA_ADDR" -p 7999 -C 1 >/dev/null 2>&1 && echo "diagnosis: a fresh rping over rxe0 works: the agent's or server's RDMA endpoint did not recover" \
+      || echo "diagnosis: a fresh rping over rxe0 fails too: rxe0 did not recover"
+    wait; }
+  return 1
+}
+# check_transport: still on $TRANSPORT (RDMA: up, and never fell back to TCP).
+check_transport() {
+  t=$(server_transport)
+  [ "$t" = "$TRANSPORT" ] || fail "the memory server's transport is $t, expected $TRANSPORT"
+  if [ "$TRANSPORT" = rdma ]; then
+    grep -q 'listening for RDMA connections' "$FARPAGE_VM_OUT/memserver.log" || fail "the memory server has no rdma_cm listener"
+    grep -q 'RDMA data path up' "$FARPAGE_VM_OUT/agent.log" || fail "the agent never brought RDMA up"
+  fi
+}
+
+# run_workload NAME ARGS...: fp-workload in the background (its JSON line in NAME.json).
+run_workload() {
+  name=$1; shift
+  timeout $WORKLOAD_TIMEOUT "$BIN/fp-workload" --socket "$AGENT_SOCKET" --size "$SIZE" --budget "$BUDGET" --threads 2 --json --name "$name" "$@" \
+    > "$FARPAGE_VM_OUT/$name.json" 2> "$FARPAGE_VM_OUT/$name.err" &
+  WORKLOAD_PID=$!
+}
+# check_workload NAME: it exited 0 and verified every page.
+check_workload() {
+  wait $WORKLOAD_PID; rc=$?
+  cat "$FARPAGE_VM_OUT/$1.json" "$FARPAGE_VM_OUT/$1.err"
+  [ $rc = 124 ] && fail "$1: fp-workload did not finish within ${WORKLOAD_TIMEOUT}s (a client thread blocked on a fault?)"
+  [ $rc -gt 128 ] && fail "$1: fp-workload died of signal $((rc - 128))"
+  [ $rc = 0 ] || fail "$1: fp-workload exited with status $rc"
+  [ "$(json "$FARPAGE_VM_OUT/$1.json" "j['failures']")" = 0 ] || fail "$1: pages did not verify"
+}
+
+step "1. write and verify $SIZE with a $BUDGET resident budget (4x), 2 passes"
+t0=$(date +%s)
+run_workload far-tier --passes 2
+# While it runs, the server holds pages.
+stored_on_server() {
+  "$BIN/farpagectl" pool list --json --socket "$AGENT_SOCKET" > "$WORK/pool.json" &&
+    json "$WORK/pool.json" "sum(s['stored_pages'] for s in j if s['address'] == '$RDMA_ADDR:$MEMSERVER_PORT')"
+}
+server_has_pages() { stored_on_server > "$WORK/stored" && [ "$(cat "$WORK/stored")" -gt 100 ]; }
+wait_for 300 "pages on the memory server" server_has_pages
+echo "pages on the memory server during the run: $(cat "$WORK/stored")"
+top -b -n 1 | head -12
+check_workload far-tier
+echo "phase 1: $(( $(date +%s) - t0 )) s"
+f=$FARPAGE_VM_OUT/far-tier.json
+for c in evictions writebacks fetches; do
+  [ "$(json "$f" "j['$c']")" -gt 0 ] || fail "no $c: the far tier was not used"
+done
+check_transport
+status_json "$FARPAGE_VM_OUT/status-1.json"
+[ "$(json "$FARPAGE_VM_OUT/status-1.json" "j['totals']['lost_pages']")" = 0 ] || fail "pages were lost"
+
+fetches_now() { status_json "$WORK/s.json" && json "$WORK/s.json" "j['totals']['fetches']"; }
+fetched_since() { [ "$(fetches_now)" -ge $(( $1 + $2 )) ]; }
+
+# disrupt NAME SECONDS BREAK RESTORE: a longer workload; once it is refetching, BREAK for
+# SECONDS, then RESTORE. Sets WORKLOAD_RC; the checks are the caller's.
+disrupt() {
+  name=$1 seconds=$2 break=$3 restore=$4
+  failed_before=$(grep -c 'memory server failed' "$FARPAGE_VM_OUT/agent.log")
+  rdma_failed_before=$(grep -c 'RDMA connection failed' "$FARPAGE_VM_OUT/agent.log")
+  back_before=$(grep -c 'memory server answers again' "$FARPAGE_VM_OUT/agent.log")
+  auth_before=$(grep -c 'agent authenticated' "$FARPAGE_VM_OUT/memserver.log")
+  status_json "$WORK/before.json"
+  lost_before=$(json "$WORK/before.json" "j['totals']['lost_pages']")
+  t0=$(date +%s)
+  run_workload "$name" --passes 3
+  wait_for 300 "refetches in $name" fetched_since "$(fetches_now)" 200
+  echo "$name: break ($break) for ${seconds}s at $(( $(date +%s) - t0 )) s"
+  sh -c "$break"
+  sleep "$seconds"
+  "$BIN/farpagectl" pool list --socket "$AGENT_SOCKET" | tee "$FARPAGE_VM_OUT/$name-pool-broken.txt"
+  sh -c "$restore"
+  echo "$name: restored at $(( $(date +%s) - t0 )) s"
+  wait $WORKLOAD_PID; WORKLOAD_RC=$?
+  cat "$FARPAGE_VM_OUT/$name.json" "$FARPAGE_VM_OUT/$name.err"
+  echo "$name: workload ended (status $WORKLOAD_RC) at $(( $(date +%s) - t0 )) s"
+  # Noticed: the server marked failed, or (RDMA) its queue pair failed and requests went to TCP.
+  server_failed=$(( $(grep -c 'memory server failed' "$FARPAGE_VM_OUT/agent.log") - failed_before ))
+  rdma_failed=$(( $(grep -c 'RDMA connection failed' "$FARPAGE_VM_OUT/agent.log") - rdma_failed_before ))
+  [ $server_failed -gt 0 ] || [ $rdma_failed -gt 0 ] || fail "$name: the agent did not notice the broken connection"
+  echo "$name: the agent noticed: server marked failed $server_failed times, RDMA connection failed $rdma_failed times"
+  if [ $server_failed -gt 0 ]; then
+    wait_for 30 "the agent to take the server back" sh -c "[ \$(grep -c 'memory server answers again' '$FARPAGE_VM_OUT/agent.log') -gt $back_before ]"
+  fi
+  echo "$name: the agent took the same server back; it authenticated the agent $(( $(grep -c 'agent authenticated' "$FARPAGE_VM_OUT/memserver.log") - auth_before )) more times (reconnects)"
+  ! grep -q 'agent did not come back within the grace period' "$FARPAGE_VM_OUT/memserver.log" || fail "$name: the server freed the agent's leases"
+  status_json "$FARPAGE_VM_OUT/status-$name.json"
+  [ "$(json "$FARPAGE_VM_OUT/status-$name.json" "[s['status'] for s in j['pool'] if s['address'] == '$RDMA_ADDR:$MEMSERVER_PORT'][0]")" = healthy ] \
+    || fail "$name: the memory server is not healthy again"
+  # The data path comes back on use (RDMA: reconnected with backoff when a request needs it).
+  run_workload "$name-after" --passes 1
+  wait $WORKLOAD_PID || fail "$name: a workload after the break failed (status $?)"
+  wait_for 30 "the $TRANSPORT data path back" transport_is_expected
+  LOST=$(( $(json "$FARPAGE_VM_OUT/status-$name.json" "j['totals']['lost_pages']") - lost_before ))
+}
+
+# The workload finished byte-exact and nothing was lost.
+check_recovered() {
+  [ "$WORKLOAD_RC" = 0 ] || fail "$1: fp-workload exited with status $WORKLOAD_RC$(grep -q 'poisoning it' "$FARPAGE_VM_OUT/agent.log" && echo ' (the agent poisoned pages)')"
+  [ "$(json "$FARPAGE_VM_OUT/$1.json" "j['failures']")" = 0 ] || fail "$1: pages did not verify"
+  [ "$LOST" = 0 ] || fail "$1: $LOST pages were lost"
+}
+
+step "2. memory server paused (SIGSTOP) for ${PAUSE}s mid-run, past the agent's io_timeout ($IO_TIMEOUT)"
+disrupt paused "$PAUSE" "kill -STOP $MEMSERVER_PID" "kill -CONT $MEMSERVER_PID"
+check_recovered paused
+
+# Down alone is not a break for TCP: an address on a downed device stays local and reachable.
+# Without its address nothing reaches the server (and for RDMA, the rxe port goes down too).
+# known_gap NAME WHAT: a strict expected failure. Today's agent retries a fault on a failed
+# server's page three times (each waits for the request to fail: up to io_timeout when the
+# server is silent, at once when it is unreachable), then poisons the page, although the
+# server comes back with it; the agent does take the same server back, and the server keeps
+# the agent's leases. The client must die of SIGBUS with no wrong data; when the agent learns
+# to wait for a failed server (within its lease grace) the phase passes, reports XPASS and
+# fails, so that it is then made a plain check (check_recovered).
+#   known_gap NAME WHAT strict|lenient: lenient where surviving depends on timing (whether a
+#   fault reaches one of the server's pages during the outage) and is not yet proof of a fix.
+known_gap() {
+  if [ "$WORKLOAD_RC" = 0 ] && [ "$LOST" = 0 ]; then
+    [ "$3" = lenient ] || fail "XPASS $1: the workload survived; make this phase a plain check (check_recovered)"
+    [ "$(json "$FARPAGE_VM_OUT/$1.json" "j['failures']")" = 0 ] || fail "$1: pages did not verify"
+    echo "$1: survived this time (no fault needed the server during the outage)"
+    return
+  fi
+  [ "$WORKLOAD_RC" = $((128 + 7)) ] || fail "$1: expected SIGBUS (status 135) from a poisoned page, got $WORKLOAD_RC"
+  ! grep -q MISMATCH "$FARPAGE_VM_OUT/$1.json" || fail "$1: wrong data served"
+  grep -q 'poisoning it' "$FARPAGE_VM_OUT/agent.log" || fail "$1: the client died but the agent reported no lost page"
+  echo "XFAIL $1: $2: $LOST pages faulted meanwhile were poisoned (client SIGBUS, no wrong data); the same server came back healthy with its leases" \
+    | tee -a "$FARPAGE_VM_OUT/xfail"
+}
+
+# RDMA: the rxe netdev down and up (rxe0's port goes down, its queue pairs fail). TCP: down
+# alone is no break (an address on a downed device stays local and reachable), so the
+# address goes too.
+if [ "$TRANSPORT" = rdma ]; then
+  step "3. the rxe netdev (dummy0) down for ${PAUSE}s mid-run: known gap"
+  disrupt netdev "$PAUSE" "ip link set dummy0 down" "ip link set dummy0 up"
+else
+  step "3. the server's network device (dummy0) down and its address gone for ${PAUSE}s mid-run: known gap"
+  disrupt netdev "$PAUSE" "ip link set dummy0 down && ip addr flush dev dummy0" \
+    "ip addr add $RDMA_ADDR/24 dev dummy0 && ip link set dummy0 up"
+fi
+known_gap netdev "server unreachable for ${PAUSE}s" lenient
+
+step "4. memory server paused for ${LONG_PAUSE}s (longer than three io_timeouts): known gap"
+disrupt long-outage "$LONG_PAUSE" "kill -STOP $MEMSERVER_PID" "kill -CONT $MEMSERVER_PID"
+known_gap long-outage "server silent for ${LONG_PAUSE}s" strict
+
+echo "PASS: far tier on $(uname -r) over $TRANSPORT, with the connection broken and restored"
