@@ -72,9 +72,9 @@ check_transport() {
 
 # run_workload NAME ARGS...: fp-workload in the background (its JSON line in NAME.json).
 run_workload() {
-  name=$1; shift
-  timeout $WORKLOAD_TIMEOUT "$BIN/fp-workload" --socket "$AGENT_SOCKET" --size "$SIZE" --budget "$BUDGET" --threads 2 --json --name "$name" "$@" \
-    > "$FARPAGE_VM_OUT/$name.json" 2> "$FARPAGE_VM_OUT/$name.err" &
+  workload=$1; shift
+  timeout $WORKLOAD_TIMEOUT "$BIN/fp-workload" --socket "$AGENT_SOCKET" --size "$SIZE" --budget "$BUDGET" --threads 2 --json --name "$workload" "$@" \
+    > "$FARPAGE_VM_OUT/$workload.json" 2> "$FARPAGE_VM_OUT/$workload.err" &
   WORKLOAD_PID=$!
 }
 # check_workload NAME: it exited 0 and verified every page.
