@@ -44,5 +44,6 @@ echo "==== VM tests ($(( $(date +%s) - start )) s)"
 printf '%s\n' "${results[@]}"
 for name in "${scenarios[@]}"; do
   [ -s "$repo/.build/vm/out/${name%.sh}/xfail" ] && sed 's/^/known gap: /' "$repo/.build/vm/out/${name%.sh}/xfail"
+  [ -s "$repo/.build/vm/out/${name%.sh}/notes" ] && sed 's/^/note: /' "$repo/.build/vm/out/${name%.sh}/notes"
 done
 exit $failed
