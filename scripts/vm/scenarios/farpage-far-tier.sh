@@ -6,8 +6,8 @@
 #     resumed: the agent must notice (server failed), take it back when it answers (same
 #     server, same leases) and the workload must still verify.
 #  3. The server's network device taken down (and its address away) and back, and
-#  4. a pause longer than the agent's fault retries: today's agent poisons the pages faulted
-#     meanwhile (a known gap, checked as a strict expected failure: see known_gap).
+#  4. a pause longer than three io_timeouts: faults on the server's pages wait for it
+#     ([pool] outage_wait, 30 s) and the workload still verifies, nothing lost.
 # FARPAGE_VM_TRANSPORT=tcp (default) or rdma selects the agent-server transport.
 . "$FARPAGE_VM_REPO/scripts/vm/guest-lib.sh"
 WORK=$(mktemp -d)
@@ -171,44 +171,24 @@ check_recovered paused
 
 # Down alone is not a break for TCP: an address on a downed device stays local and reachable.
 # Without its address nothing reaches the server (and for RDMA, the rxe port goes down too).
-# known_gap NAME WHAT: a strict expected failure. Today's agent retries a fault on a failed
-# server's page three times (each waits for the request to fail: up to io_timeout when the
-# server is silent, at once when it is unreachable), then poisons the page, although the
-# server comes back with it; the agent does take the same server back, and the server keeps
-# the agent's leases. The client must die of SIGBUS with no wrong data; when the agent learns
-# to wait for a failed server (within its lease grace) the phase passes, reports XPASS and
-# fails, so that it is then made a plain check (check_recovered).
-#   known_gap NAME WHAT strict|lenient: lenient where surviving depends on timing (whether a
-#   fault reaches one of the server's pages during the outage) and is not yet proof of a fix.
-known_gap() {
-  if [ "$WORKLOAD_RC" = 0 ] && [ "$LOST" = 0 ]; then
-    [ "$3" = lenient ] || fail "XPASS $1: the workload survived; make this phase a plain check (check_recovered)"
-    [ "$(json "$FARPAGE_VM_OUT/$1.json" "j['failures']")" = 0 ] || fail "$1: pages did not verify"
-    echo "$1: survived this time (no fault needed the server during the outage)"
-    return
-  fi
-  [ "$WORKLOAD_RC" = $((128 + 7)) ] || fail "$1: expected SIGBUS (status 135) from a poisoned page, got $WORKLOAD_RC"
-  ! grep -q MISMATCH "$FARPAGE_VM_OUT/$1.json" || fail "$1: wrong data served"
-  grep -q 'poisoning it' "$FARPAGE_VM_OUT/agent.log" || fail "$1: the client died but the agent reported no lost page"
-  echo "XFAIL $1: $2: $LOST pages faulted meanwhile were poisoned (client SIGBUS, no wrong data); the same server came back healthy with its leases" \
-    | tee -a "$FARPAGE_VM_OUT/xfail"
-}
-
 # RDMA: the rxe netdev down and up (rxe0's port goes down, its queue pairs fail). TCP: down
 # alone is no break (an address on a downed device stays local and reachable), so the
 # address goes too.
 if [ "$TRANSPORT" = rdma ]; then
-  step "3. the rxe netdev (dummy0) down for ${PAUSE}s mid-run: known gap"
+  step "3. the rxe netdev (dummy0) down for ${PAUSE}s mid-run"
   disrupt netdev "$PAUSE" "ip link set dummy0 down" "ip link set dummy0 up"
 else
-  step "3. the server's network device (dummy0) down and its address gone for ${PAUSE}s mid-run: known gap"
+  step "3. the server's network device (dummy0) down and its address gone for ${PAUSE}s mid-run"
   disrupt netdev "$PAUSE" "ip link set dummy0 down && ip addr flush dev dummy0" \
     "ip addr add $RDMA_ADDR/24 dev dummy0 && ip link set dummy0 up"
 fi
-known_gap netdev "server unreachable for ${PAUSE}s" lenient
+check_recovered netdev
 
-step "4. memory server paused for ${LONG_PAUSE}s (longer than three io_timeouts): known gap"
+step "4. memory server paused for ${LONG_PAUSE}s (longer than three io_timeouts; faults wait for it)"
 disrupt long-outage "$LONG_PAUSE" "kill -STOP $MEMSERVER_PID" "kill -CONT $MEMSERVER_PID"
-known_gap long-outage "server silent for ${LONG_PAUSE}s" strict
+check_recovered long-outage
+WAITS=$(json "$FARPAGE_VM_OUT/status-long-outage.json" "j['totals'].get('outage_waits', 0)")
+[ "$WAITS" -gt 0 ] || fail "long-outage: no fault waited for the server (outage_waits is 0): the pause never reached the workload"
+echo "long-outage: $WAITS faults waited for the server and were served when it answered"
 
 echo "PASS: far tier on $(uname -r) over $TRANSPORT, with the connection broken and restored"
