@@ -16,6 +16,8 @@
 #    budget of 25% of its peak RSS, next to all-local memory and kernel swap to a swap file
 #    under the same limit (Benchmarks/shim-numpy/run.sh; FARPAGE_BENCH_NUMPY_MIB sets the
 #    size, 0 skips it);
+# 7b. where an RDMA device exists (FARPAGE_BENCH_RDMA_ADDR: its address), RDMA READ latency and
+#    bandwidth through Farpage next to perftest's ib_read_lat/ib_read_bw (Benchmarks/rdma-read);
 # 8. prints a summary against the targets (store-fault latency <= 1.5x the floor of the
 #    same placement, agent bookkeeping <= 16 bytes/page, pool sweep >= 1.5 GB/s, memory
 #    server overhead < 1% of what it lends).
@@ -272,6 +274,23 @@ numpy_mib=${FARPAGE_BENCH_NUMPY_MIB:-512}
 if [[ $numpy_mib != 0 ]]; then
     echo "== LD_PRELOAD shim: NumPy over $numpy_mib MiB, budget 25% of its peak RSS"
     "$here/shim-numpy/run.sh" "$bin" "$numpy_mib" | tee -a "$results" || bench_rc=$?
+fi
+
+# --- 3f. RDMA READ next to perftest, where this host has an RDMA device ---------------
+# Benchmarks/rdma-read/run.sh needs the device's IP address (FARPAGE_BENCH_RDMA_ADDR); a
+# host without a device (or without kernel RDMA) gets a skipped line.
+if command -v ibv_devinfo >/dev/null && ibv_devinfo -l 2>/dev/null | sed -n '2,$p' | grep -q '[^[:space:]]'; then
+    if [[ -n ${FARPAGE_BENCH_RDMA_ADDR:-} ]]; then
+        echo "== RDMA READ: fp-rdma-bench next to ib_read_lat / ib_read_bw on $FARPAGE_BENCH_RDMA_ADDR"
+        rc=0
+        "$here/rdma-read/run.sh" "$bin" "$FARPAGE_BENCH_RDMA_ADDR" | tee -a "$results" || rc=$?
+        [[ $rc == 0 || $rc == 77 ]] || bench_rc=$rc
+    else
+        printf '{"name":"rdma_read","skipped":"an RDMA device is here; set FARPAGE_BENCH_RDMA_ADDR to its IP address to measure it"}\n' |
+            tee -a "$results"
+    fi
+else
+    printf '{"name":"rdma_read","skipped":"no RDMA device here (ibv_devinfo lists none, or the kernel has no RDMA)"}\n' | tee -a "$results"
 fi
 
 # --- 4. summary ---------------------------------------------------------------
