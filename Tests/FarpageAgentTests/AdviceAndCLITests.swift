@@ -82,7 +82,15 @@ struct AdviceTests {
         defer { region.free() }
         for p in 0..<region.pages { region.page(p)[0] = UInt64(p) + 3 }
         #expect(farpage_advise(region.base, region.size, FARPAGE_ADVISE_RANDOM) == 0)
-        let s0 = region.stats()
+        // A fetch-ahead the writes started before the advice may still be installing pages
+        // (the faulting page is served first, the rest behind it): wait until it is done.
+        var s0 = region.stats()
+        for _ in 0..<50 {
+            usleep(100_000)
+            let s = region.stats()
+            if s.prefetched_pages == s0.prefetched_pages { break }
+            s0 = s
+        }
         for p in 0..<region.pages { #expect(region.page(p)[0] == UInt64(p) + 3) }
         #expect(region.stats().prefetched_pages == s0.prefetched_pages)
     }
