@@ -20,6 +20,13 @@ FARPAGE_VM_OUT=/run/vm-out
 export FARPAGE_VM_OUT
 . /run/vm-out/env
 export FARPAGE_VM_REPO FARPAGE_VM_SCRIPT FARPAGE_VM_KVER
+# The checkout may live under a directory just covered by tmpfs (a clone in /tmp, as CI
+# makes): its own share puts it back at the same path, read-only.
+case "$FARPAGE_VM_REPO" in
+  /tmp/* | /run/* | /var/tmp/* | /var/log/* | /var/lib/* | /root/*)
+    mkdir -p "$FARPAGE_VM_REPO"
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose hostrepo "$FARPAGE_VM_REPO" ;;
+esac
 cd "$FARPAGE_VM_REPO"
 echo "guest: $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB; running $FARPAGE_VM_SCRIPT $*"
 "$FARPAGE_VM_SCRIPT" "$@" < /dev/null

@@ -118,7 +118,9 @@ qemu=(qemu-system-x86_64 -accel tcg,thread=multi -cpu max -M pc -m "$memory" -sm
   -fsdev local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap
   -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot
   -fsdev local,id=vmout,path="$out",security_model=none
-  -device virtio-9p-pci,fsdev=vmout,mount_tag=vmout)
+  -device virtio-9p-pci,fsdev=vmout,mount_tag=vmout
+  -fsdev local,id=hostrepo,path="$repo",security_model=none,readonly=on,multidevs=remap
+  -device virtio-9p-pci,fsdev=hostrepo,mount_tag=hostrepo)
 if [ "$verbose" = 1 ]; then
   timeout -k 5 "$timeout_s" "${qemu[@]}" < /dev/null 2>&1 | tee "$console"; qrc=${PIPESTATUS[0]}
 else
