@@ -95,20 +95,14 @@ fi
 # Like the floor, Farpage is measured with the client and the agent on one CPU and on
 # two CPUs, and each is compared with the floor of the same placement.
 sock=$tmp/agent.sock
-cat >"$tmp/agent.toml" <<EOF
-[agent]
-socket = "$sock"
-resident_budget = "2GiB"
-region_budget = "64MiB"
-max_region_size = "1TiB"
-high_watermark = 0.9
-low_watermark = 0.7
-[store]
-kind = "memory"
-capacity = "4GiB"
-[log]
-level = "warning"
-EOF
+# agent_toml STORE_KEYS...: the benchmark agent's config, with these [store] lines.
+agent_toml() {
+    printf '[agent]\nsocket = "%s"\nresident_budget = "2GiB"\nregion_budget = "64MiB"\nmax_region_size = "1TiB"\n' "$sock"
+    printf 'high_watermark = 0.9\nlow_watermark = 0.7\n[store]\n'
+    printf '%s\n' "$@"
+    printf '[log]\nlevel = "warning"\n'
+}
+agent_toml 'kind = "memory"' 'capacity = "4GiB"' >"$tmp/agent.toml"
 
 start_agent() {  # start_agent CPU
     taskset -c "$1" "$bin/farpaged" agent --config "$tmp/agent.toml" >"$tmp/agent.log" 2>&1 &
@@ -229,28 +223,12 @@ PY
     else
         printf '{"name":"disk_floor","skipped":"fio is not installed (make bench installs it as root)"}\n' | tee -a "$results"
     fi
-    cp "$tmp/agent.toml" "$tmp/agent-pool.toml"
-    cat >"$tmp/agent.toml" <<EOF
-[agent]
-socket = "$sock"
-resident_budget = "2GiB"
-region_budget = "64MiB"
-max_region_size = "1TiB"
-high_watermark = 0.9
-low_watermark = 0.7
-[store]
-kind = "file"
-path = "$(cd "$spill_dir" && pwd)/spill"
-capacity = "5GiB"
-[log]
-level = "warning"
-EOF
+    agent_toml 'kind = "file"' "path = \"$(cd "$spill_dir" && pwd)/spill\"" 'capacity = "5GiB"' >"$tmp/agent.toml"
     echo "== farpage-bench, NVMe: agent on CPU $((($(nproc) > 1) ? 1 : 0)), client on CPU 0, spill file on $spill_fs"
     start_agent "$((($(nproc) > 1) ? 1 : 0))"
     taskset -c 0 "$bin/farpage-bench" --socket "$sock" --label nvme --json-only --evicting-faults 5000 "${tier_rows[@]}" |
         tee -a "$results" || bench_rc=$?
     stop_agent
-    cp "$tmp/agent-pool.toml" "$tmp/agent.toml"
     ;;
 esac
 rm -rf "$spill_dir"

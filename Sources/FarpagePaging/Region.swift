@@ -307,18 +307,26 @@ extension Region {
         return residentPages > highPages || agentBudget.residentPages > agentBudget.highPages
     }
 
-    private func fetchAndInstall(page: Int, location: PageLocation, writable: Bool, staging: StagingBuffer, thread: UInt32 = 0) {
+    /// Reads one far page into `staging.page(0)`; the store's error when it could not.
+    private func fetchOne(_ location: PageLocation, into staging: StagingBuffer) -> StoreError? {
         let batch = PageIOBatch(kind: .read, capacity: 1)
         batch.append(buffer: staging.page(0), location: location)
+        store.submitAndWait(batch)
+        return batch.errors.first.flatMap { $0 }
+    }
+
+    /// Whether a fault whose read failed with `error` waits for its tier: it is down but may
+    /// come back (a memory server stopped answering; it keeps our leases through its grace).
+    private func mayWait(_ error: StoreError, _ location: PageLocation) -> Bool {
+        error.code != .lost && policy.outageWaitMilliseconds > 0 && store.mayComeBack(location)
+    }
+
+    private func fetchAndInstall(page: Int, location: PageLocation, writable: Bool, staging: StagingBuffer, thread: UInt32 = 0) {
         var attempt = 0
-        while true {
-            store.submitAndWait(batch)
-            if batch.errors.first.flatMap({ $0 }) == nil { break }
+        while let error = fetchOne(location, into: staging) {
             attempt += 1
-            let error = batch.errors[0]!
-            // The tier is down but may come back (a memory server stopped answering; it keeps
-            // our leases through its grace period): the fault waits for it, off this thread.
-            if error.code != .lost, policy.outageWaitMilliseconds > 0, store.mayComeBack(location) {
+            // The fault waits for the tier off this thread, which goes on serving other pages.
+            if mayWait(error, location) {
                 wait(page: page, location: location, writable: writable, thread: thread, since: monotonicNanoseconds(),
                      error: error)
                 return
@@ -381,15 +389,13 @@ extension Region {
         let limit = UInt64(policy.outageWaitMilliseconds) * 1_000_000
         for w in waiting {
             let expired = now - w.since >= limit
-            if !expired && store.mayComeBack(w.location) && !store.isReadable(w.location) {
-                still.append(w)  // not back yet
+            // Still failed (and not given up on): not back yet, no read to try.
+            if !expired && store.mayComeBack(w.location) {
+                still.append(w)
                 continue
             }
-            let batch = PageIOBatch(kind: .read, capacity: 1)
-            batch.append(buffer: staging.page(0), location: w.location)
-            store.submitAndWait(batch)
-            if let error = batch.errors.first.flatMap({ $0 }) {
-                if !expired, error.code != .lost, store.mayComeBack(w.location) {
+            if let error = fetchOne(w.location, into: staging) {
+                if !expired && mayWait(error, w.location) {
                     still.append(w)
                 } else {
                     let why = expired
@@ -400,7 +406,9 @@ extension Region {
                 continue
             }
             counters.fetches.bump()
-            install(page: w.page, from: staging.page(0), writable: w.writable)
+            // Off the region's fault thread: a write-protect fault between the copy and the
+            // commit would see *fetching* and be dropped; the wake after the commit retries it.
+            install(page: w.page, from: staging.page(0), writable: w.writable, wakeAfterCommit: true)
         }
         let left = core.withLock { c -> Int in
             c.waiting += still

@@ -451,16 +451,9 @@ public final class PoolStore: PageStore, @unchecked Sendable {
             var stored = 0
             var room = 0
             for server in s.servers where server.status == .healthy && !server.permanentlyFailed {
-                var leased = 0
-                var mine = 0
-                for case let l? in s.leases where l.server === server {
-                    leased += l.pages
-                    mine += l.used
-                }
-                let others = max(0, Int64(clamping: server.lentBytes) - Int64(leased) * Int64(pageSize))
-                let free = max(0, Int64(clamping: server.capacityBytes) - others - Int64(mine) * Int64(pageSize))
-                stored += mine
-                room += Int(free / Int64(pageSize))
+                let u = usage(of: server, in: s)
+                stored += u.storedPages
+                room += Int(max(0, u.freeBytes) / Int64(pageSize))
             }
             return (stored, room)
         }
@@ -561,10 +554,9 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     /// at its eviction while there is room (promotion); one whose copy cannot be read now is
     /// written anywhere.
     public func rewriteOnEviction(_ location: PageLocation) -> Bool {
-        guard let (lease, _) = lease(of: location) else { return true }
-        return state.withLock { _ in
-            if lease.server.status == .failed || lease.server.permanentlyFailed || lease.lost { return true }
-            return lease.server.isLocal && promoting.load(ordering: .relaxed)
+        withLease(location) { lease in
+            guard let lease else { return true }
+            return !Self.readable(lease) || (lease.server.isLocal && promoting.load(ordering: .relaxed))
         }
     }
 
@@ -732,16 +724,20 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     /// Free bytes of a server for us: its capacity, less what it lends to other agents (from
     /// its last PONG) and the pages we keep there.
     private func freeBytes(_ server: Server) -> Int64 {
-        state.withLock { s in
-            var leased = 0
-            var stored = 0
-            for case let l? in s.leases where l.server === server {
-                leased += l.pages
-                stored += l.used
-            }
-            let others = max(0, Int64(clamping: server.lentBytes) - Int64(leased) * Int64(pageSize))
-            return Int64(clamping: server.capacityBytes) - others - Int64(stored) * Int64(pageSize)
+        state.withLock { s in usage(of: server, in: s).freeBytes }
+    }
+
+    /// Our pages on `server`, and its bytes free for us: its capacity, less what it lends to
+    /// other agents (from its last PONG) and the pages we keep there (pool mutex held).
+    private func usage(of server: Server, in s: State) -> (storedPages: Int, freeBytes: Int64) {
+        var leased = 0
+        var stored = 0
+        for case let l? in s.leases where l.server === server {
+            leased += l.pages
+            stored += l.used
         }
+        let others = max(0, Int64(clamping: server.lentBytes) - Int64(leased) * Int64(pageSize))
+        return (stored, Int64(clamping: server.capacityBytes) - others - Int64(stored) * Int64(pageSize))
     }
 
     /// Reserves `count` slots on one server chosen for the batch, preferring consecutive slots
@@ -1175,17 +1171,28 @@ public final class PoolStore: PageStore, @unchecked Sendable {
     /// Whether the far copy at `location` can be read now. A clean page whose copy is on a
     /// failed server must be written elsewhere before its local copy may be dropped.
     public func isReadable(_ location: PageLocation) -> Bool {
-        guard let (lease, _) = lease(of: location) else { return false }
-        return state.withLock { _ in lease.server.status != .failed && !lease.server.permanentlyFailed && !lease.lost }
+        withLease(location) { lease in lease.map(Self.readable) ?? false }
+    }
+
+    /// Looks up the lease of `location` and runs `body` on it under one take of the pool mutex
+    /// (these run per clean victim on the eviction path).
+    private func withLease<T>(_ location: PageLocation, _ body: (Lease?) -> T) -> T {
+        let index = Int(location.raw >> Self.slotBits)
+        return state.withLock { s in body(index < s.leases.count ? s.leases[index] : nil) }
+    }
+
+    /// Whether a lease's pages can be read now (pool mutex held).
+    private static func readable(_ lease: Lease) -> Bool {
+        lease.server.status != .failed && !lease.server.permanentlyFailed && !lease.lost
     }
 
     /// A server that failed (stopped answering, refused connections) but did not restart, was
     /// not removed and still holds the lease: its pages may be read again when it answers.
     public func mayComeBack(_ location: PageLocation) -> Bool {
-        guard let (lease, _) = lease(of: location) else { return false }
-        return state.withLock { _ in
-            !lease.server.isLocal && lease.server.status == .failed && !lease.server.permanentlyFailed && !lease.server.lost
-                && !lease.lost
+        withLease(location) { lease in
+            guard let lease else { return false }
+            return !lease.server.isLocal && lease.server.status == .failed && !lease.server.permanentlyFailed
+                && !lease.server.lost && !lease.lost
         }
     }
 
