@@ -1227,14 +1227,6 @@ extension Region {
     }
 }
 
-@inline(__always)
-func isZeroPage(_ p: UnsafeMutableRawPointer, _ size: Int) -> Bool {
-    let words = p.assumingMemoryBound(to: UInt64.self)
-    var acc: UInt64 = 0
-    for i in 0..<(size / 8) { acc |= words[i] }
-    return acc == 0
-}
-
 extension Array where Element == Int {
     /// Membership in a sorted array.
     func binarySearchContains(_ x: Int) -> Bool {

@@ -1,5 +1,6 @@
 import CFarpageChecksum
 import FarpageKernel
+import FarpageTiers
 import FarpageTransport
 import Logging
 import Synchronization
@@ -107,9 +108,11 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
             idle.withLock { if $0.count < 64 { $0.append(client) } }
             return result
         } catch {
-            if case .refused = error.kind {
+            if case .refused(let code) = error.kind, code != MemErrorCode.malformed.rawValue {
                 idle.withLock { if $0.count < 64 { $0.append(client) } }  // the connection is fine
             } else {
+                // A failure, or `malformed`, after which the server closes the connection (e.g. a
+                // server older than a request it does not know).
                 client.close()
             }
             throw error
@@ -169,23 +172,26 @@ final class RemoteBackend: LeaseBackend, @unchecked Sendable {
     {
         if let rdma { return try rdmaRead(rdma, lease: id, offset: offset, pages: pages, into: into, allowUnwritten: allowUnwritten) }
         let sums = try withConnection { c throws(TransportError) in try c.readPages(leaseID: id, offset: offset, pages: pages, into: into) }
-        if let error = verify(lease: id, offset: offset, pages: pages, at: into, against: sums, allowUnwritten: allowUnwritten) {
-            throw error
+        let failure = sums.withUnsafeBufferPointer { s in
+            verify(lease: id, offset: offset, pages: pages, at: into, against: s.baseAddress!, allowUnwritten: allowUnwritten)
         }
+        if let failure { throw failure }
     }
 
-    /// Checks received pages against the checksums the server stored. With `allowUnwritten`, a
-    /// slot never written (stored checksum 0, zero data) passes.
-    private func verify(lease id: UInt64, offset: UInt64, pages: Int, at data: UnsafeRawPointer, against sums: [UInt64],
-                        allowUnwritten: Bool) -> TransportError?
+    /// Checks received pages against their checksums (the server's over TCP, the agent's own
+    /// table over RDMA). With `allowUnwritten`, a slot never written (checksum 0, zero data)
+    /// passes.
+    func verify(lease id: UInt64, offset: UInt64, pages: Int, at data: UnsafeRawPointer, against sums: UnsafePointer<UInt64>,
+                allowUnwritten: Bool) -> TransportError?
     {
-        var computed = [UInt64](repeating: 0, count: pages)
-        fp_checksum_pages(data, MemWire.pageSize, pages, &computed)
-        for i in 0..<pages where computed[i] != sums[i] {
-            if allowUnwritten && sums[i] == 0 && isZero(data + i * MemWire.pageSize) { continue }
-            return TransportError(.corrupt, "\(name): page \(i) of lease \(id) at offset \(Int(offset) + i * MemWire.pageSize) does not match its checksum")
+        withUnsafeTemporaryAllocation(of: UInt64.self, capacity: pages) { computed in
+            fp_checksum_pages(data, MemWire.pageSize, pages, computed.baseAddress)
+            for i in 0..<pages where computed[i] != sums[i] {
+                if allowUnwritten && sums[i] == 0 && isZeroPage(data + i * MemWire.pageSize, MemWire.pageSize) { continue }
+                return TransportError(.corrupt, "\(name): page \(i) of lease \(id) at offset \(Int(offset) + i * MemWire.pageSize) does not match its checksum")
+            }
+            return nil
         }
-        return nil
     }
 
     /// Reads several runs of one lease with one round trip's wait: `each(j, error)` runs as
@@ -260,11 +266,4 @@ final class LocalSpillBackend: LeaseBackend, @unchecked Sendable {
     func write(lease id: UInt64, offset: UInt64, pages: Int, from: UnsafeRawPointer) throws(TransportError) {
         memcpy(try base(id) + Int(offset), from, pages * MemWire.pageSize)
     }
-}
-
-private func isZero(_ page: UnsafeRawPointer) -> Bool {
-    let words = page.assumingMemoryBound(to: UInt64.self)
-    var acc: UInt64 = 0
-    for i in 0..<(MemWire.pageSize / 8) { acc |= words[i] }
-    return acc == 0
 }

@@ -92,7 +92,6 @@ final class RDMAPath: @unchecked Sendable {
     let host: String
     let verbs: any VerbsProvider
     let logger: Logger
-    let policy: TransportPolicy
     let sendDepth: Int
     let signalInterval: Int
     let spinMicroseconds: Int
@@ -104,16 +103,14 @@ final class RDMAPath: @unchecked Sendable {
     let idle = Mutex<[RDMAChannel]>([])
     let keys = Mutex<[UInt64: LeaseKey]>([:])
     let checksums: LeaseChecksums
-    /// The endpoint of the server's listener, from the last RDMA_ENDPOINT.
+    /// Why the data path is on TCP now (empty while RDMA is up): logged when it changes.
     let lastReason = Mutex<String>("")
-    let device = Mutex<String>("")
 
     init(server: String, host: String, settings: DataPlaneSelector.Settings, ioTimeoutMilliseconds: Int32, leaseBytes: UInt64) {
         self.server = server
         self.host = host
         verbs = settings.verbs
         logger = settings.logger
-        policy = settings.policy
         sendDepth = settings.sendDepth
         signalInterval = settings.signalInterval
         spinMicroseconds = settings.spinMicroseconds
@@ -161,8 +158,6 @@ extension RemoteBackend {
         let endpoint: RDMAEndpoint
         do throws(TransportError) { endpoint = try backend.requestEndpoint() } catch {
             if error.kind == .restarted { throw error }
-            // A server older than RDMA_CONNECT answers `malformed` and closes that connection.
-            if error.kind != .refused(code: MemErrorCode.rdmaUnavailable.rawValue) { backend.closeAll() }
             let reason = error.kind == .refused(code: MemErrorCode.rdmaUnavailable.rawValue)
                 ? "the memory server offers no RDMA (\(error.message))" : "the memory server did not answer RDMA_CONNECT (\(error.message))"
             if settings.policy == .rdma {
@@ -220,7 +215,6 @@ extension RemoteBackend {
                 return !l.isUp
             }
             if first {
-                path.device.withLock { $0 = qp.device }
                 path.lastReason.withLock { $0 = "" }
                 path.logger.notice("RDMA data path up", metadata: ["fp.server": "\(path.server)", "fp.device": "\(qp.device)",
                                                                     "fp.rdma_endpoint": "\(target):\(endpoint.port)"])
@@ -324,14 +318,8 @@ extension RemoteBackend {
         guard let table = path.checksums.table(id) else {
             return TransportError(.corrupt, "\(name): no checksums for lease \(id)")
         }
-        let first = Int(offset) / MemWire.pageSize
-        var computed = [UInt64](repeating: 0, count: pages)
-        fp_checksum_pages(data, MemWire.pageSize, pages, &computed)
-        for i in 0..<pages where computed[i] != table[first + i] {
-            if allowUnwritten && table[first + i] == 0 && isZeroPage(data + i * MemWire.pageSize) { continue }
-            return TransportError(.corrupt, "\(name): page \(i) of lease \(id) at offset \(Int(offset) + i * MemWire.pageSize) does not match its checksum")
-        }
-        return nil
+        return verify(lease: id, offset: offset, pages: pages, at: data, against: table + Int(offset) / MemWire.pageSize,
+                      allowUnwritten: allowUnwritten)
     }
 
     func rdmaRead(_ path: RDMAPath, lease id: UInt64, offset: UInt64, pages: Int, into: UnsafeMutableRawPointer,
@@ -414,11 +402,4 @@ extension RemoteBackend {
             start = end
         }
     }
-}
-
-func isZeroPage(_ page: UnsafeRawPointer) -> Bool {
-    let words = page.assumingMemoryBound(to: UInt64.self)
-    var acc: UInt64 = 0
-    for i in 0..<(MemWire.pageSize / 8) { acc |= words[i] }
-    return acc == 0
 }

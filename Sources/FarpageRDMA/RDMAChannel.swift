@@ -83,6 +83,9 @@ public final class RDMAChannel: @unchecked Sendable {
     /// Work request ids are unique over the channel's life, so a completion can never be
     /// mistaken for one of another batch.
     private var nextID: UInt64 = 1
+    /// Reused by every `run`: the post and poll loop allocates nothing.
+    private var chain: [WorkRequest] = []
+    private var completions: [WorkCompletion] = []
     private var outstanding = 0
 
     public init(queuePair: any VerbsQueuePair, signalInterval: Int = 16, spinMicroseconds: Int = 20,
@@ -115,11 +118,12 @@ public final class RDMAChannel: @unchecked Sendable {
             let room = queuePair.sendDepth - outstanding
             if next < n && room > 0 {
                 let end = min(n, next + room)
-                var chain: [WorkRequest] = []
-                chain.reserveCapacity(end - next)
+                chain.removeAll(keepingCapacity: true)
+                var signals = 0
                 for i in next..<end {
                     let a = accesses[i]
                     let signaled = i == 0 || i == end - 1 || (i + 1) % signalInterval == 0
+                    if signaled { signals += 1 }
                     chain.append(WorkRequest(id: base + UInt64(i), opcode: a.opcode, signaled: signaled, localOffset: a.localOffset,
                                              length: a.length, remoteAddress: a.remoteAddress, rkey: a.rkey))
                 }
@@ -127,13 +131,12 @@ public final class RDMAChannel: @unchecked Sendable {
                     try fail(.post(error.error))
                 }
                 counters.posted += chain.count
-                counters.signaled += chain.filter(\.signaled).count
+                counters.signaled += signals
                 outstanding += chain.count
                 counters.maxOutstanding = max(counters.maxOutstanding, outstanding)
                 next = end
             }
-            var completions: [WorkCompletion]
-            do throws(VerbsError) { completions = try queuePair.poll(max: 16) } catch { try fail(.poll(error)) }
+            do throws(VerbsError) { try queuePair.poll(into: &completions, max: 16) } catch { try fail(.poll(error)) }
             if completions.isEmpty {
                 let now = monotonicNanoseconds()
                 if spinStart == 0 { spinStart = now }
@@ -141,7 +144,7 @@ public final class RDMAChannel: @unchecked Sendable {
                 // Sleep: arm, then poll once more (a completion that came before the arm raises no event).
                 do throws(VerbsError) {
                     try queuePair.arm()
-                    completions = try queuePair.poll(max: 16)
+                    try queuePair.poll(into: &completions, max: 16)
                 } catch { try fail(.poll(error)) }
                 if completions.isEmpty {
                     counters.sleeps += 1

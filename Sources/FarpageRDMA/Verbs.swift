@@ -163,8 +163,9 @@ public protocol VerbsQueuePair: AnyObject {
     var device: String { get }
     /// `ibv_post_send` of the requests as one chain. On failure, `posted` of them were accepted.
     func post(_ requests: [WorkRequest]) throws(VerbsPostError)
-    /// `ibv_poll_cq`, without blocking, up to `max` completions.
-    func poll(max: Int) throws(VerbsError) -> [WorkCompletion]
+    /// `ibv_poll_cq`, without blocking, up to `max` completions, into `completions` (emptied
+    /// first; its storage is reused, so the busy-poll loop allocates nothing).
+    func poll(into completions: inout [WorkCompletion], max: Int) throws(VerbsError)
     /// `ibv_req_notify_cq`.
     func arm() throws(VerbsError)
     /// Blocks on the completion channel; false on timeout.
@@ -233,6 +234,9 @@ final class SystemQueuePair: VerbsQueuePair {
     let stagingBytes: Int
     let sendDepth: Int
     let device: String
+    /// Reused by every post and poll: one thread uses a queue pair at a time.
+    private var wrs: [fp_rdma_wr] = []
+    private var wcs = [fp_rdma_wc](repeating: fp_rdma_wc(), count: 32)
 
     init(_ conn: OpaquePointer) {
         self.conn = conn
@@ -251,22 +255,23 @@ final class SystemQueuePair: VerbsQueuePair {
 
     func post(_ requests: [WorkRequest]) throws(VerbsPostError) {
         guard let conn else { throw VerbsPostError(error: VerbsError("ibv_post_send", errno: ENOTCONN), posted: 0) }
-        let wrs = requests.map {
-            fp_rdma_wr(wr_id: $0.id, opcode: $0.opcode == .read ? Int32(FP_RDMA_OP_READ) : Int32(FP_RDMA_OP_WRITE),
-                       signaled: $0.signaled ? 1 : 0, local_offset: UInt64($0.localOffset), length: UInt32($0.length),
-                       rkey: $0.rkey, remote_addr: $0.remoteAddress)
+        wrs.removeAll(keepingCapacity: true)
+        for r in requests {
+            wrs.append(fp_rdma_wr(wr_id: r.id, opcode: r.opcode == .read ? Int32(FP_RDMA_OP_READ) : Int32(FP_RDMA_OP_WRITE),
+                                  signaled: r.signaled ? 1 : 0, local_offset: UInt64(r.localOffset), length: UInt32(r.length),
+                                  rkey: r.rkey, remote_addr: r.remoteAddress))
         }
         var posted: Int32 = 0
         let rc = fp_rdma_post(conn, wrs, Int32(wrs.count), &posted)
         if rc < 0 { throw VerbsPostError(error: VerbsError("ibv_post_send", errno: -rc), posted: Int(posted)) }
     }
 
-    func poll(max: Int) throws(VerbsError) -> [WorkCompletion] {
+    func poll(into completions: inout [WorkCompletion], max: Int) throws(VerbsError) {
+        completions.removeAll(keepingCapacity: true)
         guard let conn else { throw VerbsError("ibv_poll_cq", errno: ENOTCONN) }
-        var wcs = [fp_rdma_wc](repeating: fp_rdma_wc(), count: min(max, 32))
-        let n = fp_rdma_poll(conn, &wcs, Int32(wcs.count))
+        let n = fp_rdma_poll(conn, &wcs, Int32(min(max, wcs.count)))
         if n < 0 { throw VerbsError("ibv_poll_cq", errno: -n) }
-        return wcs.prefix(Int(n)).map { WorkCompletion(id: $0.wr_id, status: CompletionStatus(rawValue: $0.status)) }
+        for wc in wcs[0..<Int(n)] { completions.append(WorkCompletion(id: wc.wr_id, status: CompletionStatus(rawValue: wc.status))) }
     }
 
     func arm() throws(VerbsError) {

@@ -123,6 +123,15 @@ extension PageStore {
     }
 }
 
+/// Whether `size` bytes (a multiple of 8) at `p` are all zero.
+@inline(__always)
+public func isZeroPage(_ p: UnsafeRawPointer, _ size: Int) -> Bool {
+    let words = p.assumingMemoryBound(to: UInt64.self)
+    var acc: UInt64 = 0
+    for i in 0..<(size / 8) { acc |= words[i] }
+    return acc == 0
+}
+
 /// A one-shot latch for waiting on a completion from a dedicated thread.
 public final class CompletionLatch: @unchecked Sendable {
     private let state = Mutex(false)

@@ -97,6 +97,7 @@ final class FakeQueuePair: VerbsQueuePair, @unchecked Sendable {
     var inject: (WorkRequest) -> CompletionStatus? = { _ in nil }
     private(set) var maxOccupied = 0
     private(set) var postedTotal = 0
+    private(set) var readsPosted = 0
 
     init(fabric: FakeFabric, pd: Int, stagingBytes: Int, sendDepth: Int) {
         self.fabric = fabric
@@ -119,6 +120,7 @@ final class FakeQueuePair: VerbsQueuePair, @unchecked Sendable {
             pending.append(r)
             occupying.append(r.id)
             postedTotal += 1
+            if r.opcode == .read { readsPosted += 1 }
             maxOccupied = max(maxOccupied, occupying.count)
         }
     }
@@ -127,10 +129,10 @@ final class FakeQueuePair: VerbsQueuePair, @unchecked Sendable {
         while let first = occupying.first, first <= id { occupying.removeFirst() }
     }
 
-    func poll(max: Int) throws(VerbsError) -> [WorkCompletion] {
+    func poll(into out: inout [WorkCompletion], max: Int) throws(VerbsError) {
+        out.removeAll(keepingCapacity: true)
         if closed { throw VerbsError("ibv_poll_cq", errno: ENOTCONN) }
-        if stalled { return [] }
-        var out: [WorkCompletion] = []
+        if stalled { return }
         while out.count < max, !pending.isEmpty {
             let r = pending.removeFirst()
             if qpState == .error {
@@ -149,7 +151,6 @@ final class FakeQueuePair: VerbsQueuePair, @unchecked Sendable {
                 retire(through: r.id)
             }
         }
-        return out
     }
 
     func arm() throws(VerbsError) {}

@@ -1,6 +1,6 @@
 import FarpageKernel
 import FarpageMemserver
-import FarpagePool
+@testable import FarpagePool
 import FarpageRDMA
 import FarpageTestSupport
 import FarpageTiers
@@ -164,8 +164,10 @@ struct PoolOverRDMATests {
         #expect(errors.allSatisfy { $0 == nil })
         #expect(s.fabric.registeredRegions >= 1, "leases should be registered as memory regions")
         #expect(Self.check(s.store, locations, seed: 7) == 0)
-        let posted = s.fabric.queuePairs.reduce(0) { $0 + $1.postedTotal }
-        #expect(posted > 0, "nothing went over RDMA")
+        // Reads too, not only the writes: a read path that fell back to TCP would go unseen.
+        let reads = s.fabric.queuePairs.reduce(0) { $0 + $1.readsPosted }
+        let writes = s.fabric.queuePairs.reduce(0) { $0 + $1.postedTotal } - reads
+        #expect(reads > 0 && writes > 0, "reads \(reads), writes \(writes) over RDMA")
         #expect(s.fabric.queuePairs.allSatisfy { $0.maxOccupied <= 8 })
         // RDMA goes down for good (every reconnect refused): data keeps flowing over TCP, and
         // pages written over RDMA (no server checksum) verify against the agent's checksums.
@@ -293,7 +295,12 @@ struct PoolOverRDMATests {
         let b = try MemserverClient(host: "127.0.0.1", port: s.port, agentID: Array(repeating: 2, count: 16), name: "b", secret: secret)
         guard case .leases(let ids) = try a.call(.leaseAlloc(count: 1)), let id = ids.first else { Issue.record("no lease"); return }
         // Before an RDMA connection there is no domain to register in.
-        #expect(throws: TransportError.self) { try a.call(.leaseKeys([id])) }
+        do {
+            _ = try a.call(.leaseKeys([id]))
+            Issue.record("keys before any RDMA connection")
+        } catch {
+            #expect(error.kind == .refused(code: MemErrorCode.rdmaUnavailable.rawValue), "\(error)")
+        }
         guard case .rdmaEndpoint(let e) = try a.call(.rdmaConnect) else { Issue.record("no endpoint"); return }
         #expect(e.token.count == 32)
         _ = try s.fabric.makeQueuePair(privateData: MemWire.rdmaPrivateData(token: e.token), stagingBytes: 4096, sendDepth: 1)
@@ -322,6 +329,26 @@ struct PoolOverRDMATests {
         a.close()
         b.close()
     }
+
+    /// A request the server refuses as `malformed` (after which it closes the connection: what
+    /// a server older than a message does) must not leave that connection in the pool: the next
+    /// request over the same backend works.
+    @Test func aConnectionRefusedAsMalformedIsNotPooled() async throws {
+        let s = try await Setup(rdmaOnServer: false)
+        defer { Task { await s.stop() } }
+        let backend = try RemoteBackend(host: "127.0.0.1", port: s.port, agentID: ClusterSecret.randomBytes(16), agentName: "old-peer",
+                                        secret: try ClusterSecret(Array(Self.secret.utf8)), ioTimeoutMilliseconds: 2000)
+        defer { backend.closeAll() }
+        _ = try backend.ping()  // one pooled connection
+        do {
+            _ = try backend.withConnection { c throws(TransportError) in try c.call(.leaseKeys([])) }  // count 0: malformed
+            Issue.record("an empty LEASE_KEYS was accepted")
+        } catch {
+            #expect(error.kind == .refused(code: MemErrorCode.malformed.rawValue), "\(error)")
+        }
+        let stats = try backend.ping()  // on the closed connection, were it pooled
+        #expect(stats.capacityBytes == 8 << 20)
+    }
 }
 
 /// The daemons on this host: without kernel RDMA they run on TCP and say why; "rdma" required
@@ -334,7 +361,9 @@ struct HostRDMATests {
         let server = try MemserverProcess(capacity: "8MiB", leaseSize: "1MiB")
         defer { server.stop() }
         if Self.kernelHasRDMA {
-            #expect(server.logText.contains("RDMA") )
+            // Either outcome names itself: listening, or why it lends over TCP only.
+            #expect(server.logText.contains("listening for RDMA connections") || server.logText.contains("lending over TCP only"),
+                    "\(server.logText)")
         } else {
             #expect(server.logText.contains("no RDMA support in this kernel"), "\(server.logText)")
             #expect(server.logText.contains("lending over TCP only"))
