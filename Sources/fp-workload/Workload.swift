@@ -24,6 +24,8 @@ struct Workload: ParsableCommand {
     @Option(help: "Region name shown by farpagectl.") var name = "fp-workload"
     @Option(help: "Seconds to stay alive after the work, holding the region.") var hold = 0.0
     @Option(help: "seq: seconds to wait between writing the region and verifying it, each pass.") var pause = 0.0
+    @Option(help: "seq: after --passes, keep making passes until this file exists (a harness ends the traffic when its disruption is over).")
+    var until: String?
     @Flag(help: "Print a JSON summary line instead of text.") var json = false
     @Option(help: "zipf/sweep: reads measured.") var accesses = 100_000
     @Option(help: "zipf: fraction of pages that are hot.") var hotFraction = 0.1
@@ -69,25 +71,26 @@ struct Workload: ParsableCommand {
         let start = Date()
         let failures: Int
         let checksum: UInt64
+        var passesDone = passes
         switch mode {
-        case "seq": (failures, checksum) = sequential(base, pages: pages, page: page)
+        case "seq": (failures, checksum, passesDone) = sequential(base, pages: pages, page: page)
         case "random": (failures, checksum) = random(base, pages: pages, page: page)
         default: throw ValidationError("unknown --mode \(mode)")
         }
         let elapsed = Date().timeIntervalSince(start)
         var stats = farpage_stats()
         _ = farpage_stats(base, &stats)
-        let touched = Double(bytes) * Double(mode == "seq" ? passes * 2 : 1)
+        let touched = Double(bytes) * Double(mode == "seq" ? passesDone * 2 : 1)
         if json {
             print(
-                "{\"pages\":\(pages),\"budget_pages\":\(stats.budget_pages),\"failures\":\(failures),\"checksum\":\"\(String(checksum, radix: 16))\",\"seconds\":\(elapsed),\"missing_faults\":\(stats.missing_faults),\"evictions\":\(stats.evictions),\"writebacks\":\(stats.writebacks),\"wp_faults\":\(stats.wp_faults),\"cancelled_evictions\":\(stats.cancelled_evictions),\"fetches\":\(stats.fetches)}"
+                "{\"pages\":\(pages),\"budget_pages\":\(stats.budget_pages),\"failures\":\(failures),\"passes\":\(passesDone),\"checksum\":\"\(String(checksum, radix: 16))\",\"seconds\":\(elapsed),\"missing_faults\":\(stats.missing_faults),\"evictions\":\(stats.evictions),\"writebacks\":\(stats.writebacks),\"wp_faults\":\(stats.wp_faults),\"cancelled_evictions\":\(stats.cancelled_evictions),\"fetches\":\(stats.fetches)}"
             )
         } else {
             print("region          \(bytes >> 20) MiB, resident budget \((stats.budget_pages * UInt64(page)) >> 20) MiB (\(String(format: "%.1f", Double(pages) / Double(max(1, stats.budget_pages))))x)")
             print("faults          \(stats.missing_faults) missing (\(stats.zero_fills) zero-fill, \(stats.fetches) fetched), \(stats.wp_faults) write-protect")
             print("evictions       \(stats.evictions) (\(stats.writebacks) written back, \(stats.clean_evictions) clean, \(stats.zero_evictions) zero, \(stats.cancelled_evictions) cancelled by writes)")
             if mode == "seq" {
-                print("throughput      \(String(format: "%.2f", touched / elapsed / 1e9)) GB/s over \(String(format: "%.2f", elapsed)) s (\(passes) passes of write+verify)")
+                print("throughput      \(String(format: "%.2f", touched / elapsed / 1e9)) GB/s over \(String(format: "%.2f", elapsed)) s (\(passesDone) passes of write+verify)")
             } else {
                 print("elapsed         \(String(format: "%.2f", elapsed)) s")
             }
@@ -98,14 +101,18 @@ struct Workload: ParsableCommand {
         if failures > 0 { throw ExitCode(2) }
     }
 
-    /// Writes every page with a pattern unique to (page, pass), then reads all back.
-    func sequential(_ region: UnsafeMutableRawPointer, pages: Int, page: Int) -> (Int, UInt64) {
+    /// Writes every page with a pattern unique to (page, pass), then reads all back; returns
+    /// the failures, a checksum and the passes made (more than --passes with --until).
+    func sequential(_ region: UnsafeMutableRawPointer, pages: Int, page: Int) -> (Int, UInt64, Int) {
         let base = SendablePointer(region)
         let words = page / 8
         var failures = 0
         var checksum: UInt64 = 0xcbf2_9ce4_8422_2325
         let stride = max(1, threads)
-        for pass in 0..<passes {
+        var made = 0
+        while made < passes || (until.map { access($0, F_OK) != 0 } ?? false) {
+            let pass = made
+            made += 1
             parallel(stride) { t in
                 var p = t
                 while p < pages {
@@ -137,7 +144,7 @@ struct Workload: ParsableCommand {
             failures += bad.value
             checksum = (checksum ^ UInt64(UInt(bitPattern: sums.value))) &* 0x100_0000_01b3
         }
-        return (failures, checksum)
+        return (failures, checksum, made)
     }
 
     /// Each thread owns the pages p with p % threads == t and writes/reads them at random,

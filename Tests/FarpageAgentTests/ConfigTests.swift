@@ -45,6 +45,13 @@ import Testing
         ("[tiering]\ndemote_after = \"soon\"", "tiering.demote_after", "30s"),
         ("[tiering]\npromote = \"yes\"", "tiering.promote", "true or false"),
         ("[store]\nlease_size = 5000", "store.lease_size", "whole number of pages"),
+        ("[store]\nkind = \"file\"", "store.path", "required when kind = \"file\""),
+        ("[store]\nkind = \"file\"\npath = \"spill\"", "store.path", "absolute path"),
+        ("[store]\nkind = \"file\"\npath = \"/var/lib/farpage/\"", "store.path", "absolute path of a file"),
+        ("[store]\nkind = \"file\"\npath = \"/var/lib/farpage/spill\"\ndirect_io = \"yes\"", "store.direct_io", "\"auto\" or \"off\""),
+        ("[store]\nkind = \"nvme\"", "store.kind", "kind = \"file\""),
+        ("[store]\npath = 7", "store.path", "absolute path"),
+        ("[pool]\noutage_wait = \"forever\"", "pool.outage_wait", "at most 1h"),
         ("[agent\nsocket = 1", "config", "not valid TOML at line"),
     ])
     func badConfigNamesTheKeyAndTheFix(_ text: String, _ key: String, _ hint: String) {

@@ -598,21 +598,4 @@ struct SpillFileAgentTests {
         #expect(c.storeCapacity == 100 << 30 && c.storeDirectIO == .off)
         #expect(AgentConfig().storeDirectIO == .auto && AgentConfig().storePath == nil)
     }
-
-    @Test(arguments: [
-        ("[store]\nkind = \"file\"", "store.path", "required when kind = \"file\""),
-        ("[store]\nkind = \"file\"\npath = \"spill\"", "store.path", "absolute path"),
-        ("[store]\nkind = \"file\"\npath = \"/var/lib/farpage/\"", "store.path", "absolute path of a file"),
-        ("[store]\nkind = \"file\"\npath = \"/var/lib/farpage/spill\"\ndirect_io = \"yes\"", "store.direct_io", "\"auto\" or \"off\""),
-        ("[store]\nkind = \"nvme\"", "store.kind", "kind = \"file\""),
-        ("[store]\npath = 7", "store.path", "absolute path"),
-    ])
-    func badSpillConfigNamesTheKeyAndTheFix(_ text: String, _ key: String, _ hint: String) {
-        #expect {
-            try AgentConfig.parse(text)
-        } throws: { error in
-            guard let e = error as? ConfigError else { return false }
-            return e.key == key && e.description.contains(hint)
-        }
-    }
 }

@@ -115,6 +115,7 @@ status_json "$FARPAGE_VM_OUT/status-1.json"
 
 fetches_now() { status_json "$WORK/s.json" && json "$WORK/s.json" "j['totals']['fetches']"; }
 fetched_since() { [ "$(fetches_now)" -ge $(( $1 + $2 )) ]; }
+refetching_or_ended() { ! kill -0 $WORKLOAD_PID 2>/dev/null || fetched_since "$1" 200; }
 
 # disrupt NAME SECONDS BREAK RESTORE: a longer workload; once it is refetching, BREAK for
 # SECONDS, then RESTORE. Sets WORKLOAD_RC; the checks are the caller's.
@@ -127,14 +128,24 @@ disrupt() {
   status_json "$WORK/before.json"
   lost_before=$(json "$WORK/before.json" "j['totals']['lost_pages']")
   t0=$(date +%s)
-  run_workload "$name" --passes 3
+  # The workload makes passes until told to stop, so the break always lands mid-traffic
+  # however slow the guest is (a fixed pass count once ended before the break began).
+  stop=$WORK/$name.stop
+  rm -f "$stop"
+  run_workload "$name" --passes 3 --until "$stop"
   wait_for 300 "refetches in $name" fetched_since "$(fetches_now)" 200
+  kill -0 $WORKLOAD_PID 2>/dev/null || fail "$name: the workload ended before the break"
   echo "$name: break ($break) for ${seconds}s at $(( $(date +%s) - t0 )) s"
   sh -c "$break"
   sleep "$seconds"
   "$BIN/farpagectl" pool list --socket "$AGENT_SOCKET" | tee "$FARPAGE_VM_OUT/$name-pool-broken.txt"
   sh -c "$restore"
   echo "$name: restored at $(( $(date +%s) - t0 )) s"
+  kill -0 $WORKLOAD_PID 2>/dev/null || fail "$name: the workload ended during the break"
+  # Traffic flows again after the restore, then the workload finishes its pass and verifies.
+  # (A workload that died is reported by the checks below, not as a timeout here.)
+  wait_for 120 "refetches in $name after the restore" refetching_or_ended "$(fetches_now)"
+  touch "$stop"
   wait $WORKLOAD_PID; WORKLOAD_RC=$?
   cat "$FARPAGE_VM_OUT/$name.json" "$FARPAGE_VM_OUT/$name.err"
   echo "$name: workload ended (status $WORKLOAD_RC) at $(( $(date +%s) - t0 )) s"
