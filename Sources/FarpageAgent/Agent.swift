@@ -128,7 +128,8 @@ public final class Agent: @unchecked Sendable {
         }
         do {
             return .file(try SpillFileBackend(path: path, capacityBytes: config.storeCapacity, leaseBytes: config.storeLeaseBytes,
-                                              directIO: config.storeDirectIO, logger: logger))
+                                              directIO: config.storeDirectIO,
+                                              pollNanoseconds: UInt64(config.storePollMicroseconds) * 1000, logger: logger))
         } catch {
             // io_uring refused is the host's doing (exit 69); the rest needs [store] or the disk changed (78).
             throw AgentStartError("[store] \(error)", isConfiguration: error.code != .ioUringUnavailable)

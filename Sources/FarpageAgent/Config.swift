@@ -23,6 +23,8 @@ public struct AgentConfig: Sendable, Equatable {
     /// The spill file of `storeKind == "file"` (absolute; no default).
     public var storePath: String? = nil
     public var storeDirectIO = SpillDirectIO.auto
+    /// How long a fault's spill-file read polls for its completion before it sleeps.
+    public var storePollMicroseconds = 100
     /// One lease of the local spill; the memory servers' lease size, so that leases move
     /// between them whole (demotion) without wasting spill space.
     public var storeLeaseBytes: UInt64 = 64 << 20
@@ -72,7 +74,7 @@ extension AgentConfig {
             "socket", "socket_mode", "fault_threads", "resident_budget", "region_budget", "max_region_size",
             "max_regions", "high_watermark", "low_watermark", "evict_batch", "shutdown_grace", "fault_spin_us",
         ],
-        "store": ["kind", "capacity", "path", "direct_io", "lease_size"],
+        "store": ["kind", "capacity", "path", "direct_io", "lease_size", "poll_us"],
         "pool": ["servers", "secret_file", "heartbeat", "io_timeout", "transport", "outage_wait"],
         "log": ["level"],
         "tiering": [
@@ -278,6 +280,7 @@ extension AgentConfig {
             }
             c.storeDirectIO = mode
         }
+        c.storePollMicroseconds = try integer(store, "poll_us", "store.poll_us", 0...1000, c.storePollMicroseconds)
     }
 
     /// Cross-field checks.

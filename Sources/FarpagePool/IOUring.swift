@@ -26,16 +26,21 @@ final class IOUring: @unchecked Sendable {
     private(set) var broken = false
 
     /// Sets up a ring with room for `entries` operations at once (`io_uring_setup`).
-    init(entries: UInt32) throws(KernelError) {
+    /// - Parameter pollNanoseconds: per `run`, how long to poll for completions before sleeping.
+    init(entries: UInt32, pollNanoseconds: UInt64 = 0) throws(KernelError) {
         var error: Int32 = 0
         guard let ring = fp_ring_create(entries, &error) else { throw KernelError("io_uring_setup", errno: -error) }
         self.ring = ring
+        fp_ring_set_spin(ring, pollNanoseconds)
     }
 
     deinit { fp_ring_destroy(ring) }
 
     /// How many times `run` entered the kernel to submit (one per batch that fits the ring).
     var submissions: UInt64 { fp_ring_submits(ring) }
+
+    /// Completions reaped while polling (they cost no sleep and wakeup).
+    var polledCompletions: UInt64 { fp_ring_spun(ring) }
 
     /// Runs every operation and waits for all of them, with one `io_uring_submit_and_wait` when
     /// they fit the ring; short transfers are completed. Returns, per operation, the bytes done

@@ -69,6 +69,7 @@ public final class SpillFileBackend: LeaseBackend, @unchecked Sendable {
     private let file: OwnedDescriptor
     private let logger: Logger
     private let rings = Mutex<[IOUring]>([])
+    private let pollNanoseconds: UInt64
     private let table: Mutex<ExtentTable>
     private let stats = Stats()
     private let lastComplaint = Atomic<UInt64>(0)
@@ -79,9 +80,12 @@ public final class SpillFileBackend: LeaseBackend, @unchecked Sendable {
     ///   - leaseBytes: the size of one lease (one extent of the file).
     /// - Throws: `SpillFileError` when io_uring is unavailable, the directory is missing, the
     ///   file cannot be created or is in use, or the filesystem lacks the space.
+    /// - Parameter pollNanoseconds: how long each read or write polls for its completions
+    ///   before it sleeps (`[store] poll`; 0 sleeps at once).
     public init(path: String, capacityBytes: UInt64, leaseBytes: UInt64 = 64 << 20, directIO: SpillDirectIO = .auto,
-                logger: Logger) throws(SpillFileError)
+                pollNanoseconds: UInt64 = 0, logger: Logger) throws(SpillFileError)
     {
+        self.pollNanoseconds = pollNanoseconds
         let page = UInt64(Self.pageSize)
         let lease = max(page, min(leaseBytes, capacityBytes) / page * page)
         let extents = Int(capacityBytes / lease)
@@ -304,13 +308,15 @@ public final class SpillFileBackend: LeaseBackend, @unchecked Sendable {
         if let pooled = rings.withLock({ $0.popLast() }) {
             ring = pooled
         } else {
-            do { ring = try IOUring(entries: Self.ringEntries) } catch {
+            do { ring = try IOUring(entries: Self.ringEntries, pollNanoseconds: pollNanoseconds) } catch {
                 throw TransportError(.unreachable, "\(name): cannot set up an io_uring: \(error) (out of memory, or RLIMIT_MEMLOCK on kernels before 5.12)")
             }
         }
         let submitted = ring.submissions
+        let polled = ring.polledCompletions
         let result = body(ring)
         stats.submissions.add(ring.submissions - submitted, ordering: .relaxed)
+        stats.polled.add(ring.polledCompletions - polled, ordering: .relaxed)
         if !ring.broken { rings.withLock { if $0.count < Self.maxPooledRings { $0.append(ring) } } }
         return result
     }
@@ -531,12 +537,13 @@ final class Stats: Sendable {
     let submissions = Atomic<UInt64>(0)
     let checksumFailures = Atomic<UInt64>(0)
     let bounced = Atomic<UInt64>(0)
+    let polled = Atomic<UInt64>(0)
 
     func snapshot(direct: Bool) -> SpillFileIO {
         SpillFileIO(
             direct: direct, reads: reads.load(ordering: .relaxed), writes: writes.load(ordering: .relaxed),
             readBytes: readBytes.load(ordering: .relaxed), writtenBytes: writtenBytes.load(ordering: .relaxed),
             submissions: submissions.load(ordering: .relaxed), checksumFailures: checksumFailures.load(ordering: .relaxed),
-            bounced: bounced.load(ordering: .relaxed))
+            bounced: bounced.load(ordering: .relaxed), polled: polled.load(ordering: .relaxed))
     }
 }

@@ -140,10 +140,14 @@ public struct SpillFileIO: Codable, Sendable, Equatable {
     public var checksumFailures: UInt64
     /// Operations on buffers not aligned for O_DIRECT, copied through an aligned one.
     public var bounced: UInt64
+    /// Completions found while polling (`[store] poll`): no sleep and wakeup paid for them.
+    /// Nil from agents older than the setting.
+    public var polled: UInt64?
 
     public init(direct: Bool, reads: UInt64, writes: UInt64, readBytes: UInt64, writtenBytes: UInt64, submissions: UInt64,
-                checksumFailures: UInt64, bounced: UInt64)
+                checksumFailures: UInt64, bounced: UInt64, polled: UInt64? = nil)
     {
+        self.polled = polled
         self.direct = direct
         self.reads = reads
         self.writes = writes

@@ -21,12 +21,14 @@ import Testing
             shutdown_grace = "500ms"
             [store]
             capacity = "1TiB"
+            poll_us = 50
             """)
         #expect(c.residentBudget == 3 << 30)
         #expect(c.regionBudget == 1 << 20)
         #expect(c.highWatermark == 0.95 && c.lowWatermark == 0.5)
         #expect(c.shutdownGraceSeconds == 0.5)
         #expect(c.storeCapacity == 1 << 40)
+        #expect(c.storePollMicroseconds == 50)
     }
 
     @Test(arguments: [
@@ -52,6 +54,8 @@ import Testing
         ("[store]\nkind = \"nvme\"", "store.kind", "kind = \"file\""),
         ("[store]\npath = 7", "store.path", "absolute path"),
         ("[pool]\noutage_wait = \"forever\"", "pool.outage_wait", "at most 1h"),
+        ("[store]\npoll_us = 5000", "store.poll_us", "0...1000"),
+        ("[store]\npoll_us = \"50us\"", "store.poll_us", "integer"),
         ("[agent\nsocket = 1", "config", "not valid TOML at line"),
     ])
     func badConfigNamesTheKeyAndTheFix(_ text: String, _ key: String, _ hint: String) {

@@ -175,10 +175,14 @@ struct PoolTests {
         #expect(during.pool.first { $0.transport == "tcp" }?.status == "failed")
         #expect(during.totals["outage_waits", default: 0] > 0, "no fault waited: \(during.totals)")
         let (rc, _, out) = w.finish()
-        #expect(rc == 0 && out.contains("\"failures\":0"), "\(out)")
+        // What the agent said about the server and the faults, for a failure's message.
+        let story = agent.logText.split(separator: "\n")
+            .filter { $0.contains("memory server") || $0.contains("far tier") || $0.contains("poison") }
+            .suffix(40).joined(separator: "\n")
+        #expect(rc == 0 && out.contains("\"failures\":0"), "\(out)\n\(story)")
         let after = try agent.status()
-        #expect(after.totals["lost_pages", default: 0] == 0, "\(after.totals)")
-        #expect(after.pool.first { $0.transport == "tcp" }?.status == "healthy")
+        #expect(after.totals["lost_pages", default: 0] == 0, "\(after.totals)\n\(story)")
+        #expect(after.pool.first { $0.transport == "tcp" }?.status == "healthy", "\(story)")
         #expect(agent.logText.contains("faults on its pages wait for it"))
         #expect(agent.logText.contains("faults that waited for the far tier are served"))
         #expect(!agent.logText.contains("poisoning it"))

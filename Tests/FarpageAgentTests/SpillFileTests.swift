@@ -74,9 +74,11 @@ func kernelAcceptsDirectIO(in directory: String) -> Bool {
 @Suite("Spill file backend", .serialized)
 struct SpillFileTests {
     func makeSpill(_ dir: ScratchDirectory, capacity: UInt64 = 8 << 20, lease: UInt64 = 1 << 20,
-                   directIO: SpillDirectIO = .auto, logger: Logger = Logger(label: "spill-test")) throws -> SpillFileBackend
+                   directIO: SpillDirectIO = .auto, pollNanoseconds: UInt64 = 0,
+                   logger: Logger = Logger(label: "spill-test")) throws -> SpillFileBackend
     {
-        try SpillFileBackend(path: dir.path + "/spill", capacityBytes: capacity, leaseBytes: lease, directIO: directIO, logger: logger)
+        try SpillFileBackend(path: dir.path + "/spill", capacityBytes: capacity, leaseBytes: lease, directIO: directIO,
+                             pollNanoseconds: pollNanoseconds, logger: logger)
     }
 
     /// Writes every page of `lease` in runs of 1...32 pages, then reads them back: all at once
@@ -123,9 +125,12 @@ struct SpillFileTests {
         return bad
     }
 
-    @Test func runsRoundTripAcrossLeasesOnManyThreads() throws {
+    /// Also with `[store] poll`: completions reaped by polling (short transfers resubmitted,
+    /// the streaming head reported first) must come back as exact as those slept for.
+    @Test(arguments: [0, 2_000_000] as [UInt64])
+    func runsRoundTripAcrossLeasesOnManyThreads(pollNanoseconds: UInt64) throws {
         let dir = try ScratchDirectory()
-        let spill = try makeSpill(dir)
+        let spill = try makeSpill(dir, pollNanoseconds: pollNanoseconds)
         let leases = try spill.allocateLeases(8)
         #expect(leases.count == 8)
         let bad = Tally()
@@ -139,6 +144,12 @@ struct SpillFileTests {
         #expect(c.writtenBytes == 2 * 8 * spill.leaseBytes)
         #expect(c.reads > 0 && c.submissions < c.reads + c.writes, "batched reads took one submission per run: \(c)")
         #expect(c.bounced == 0, "page-aligned buffers were bounced")
+        if pollNanoseconds == 0 {
+            #expect(c.polled == 0, "polled without [store] poll")
+        } else {
+            // 2 ms a call covers a file read here (page cache or disk) many times over.
+            #expect((c.polled ?? 0) > (c.reads + c.writes) / 2, "few completions were polled: \(c)")
+        }
     }
 
     /// More runs than a ring holds (64): queued as room frees up, still one call, all exact.

@@ -54,6 +54,14 @@ typedef void (*fp_ring_done)(void *context, int index, int64_t result);
  * after the return), and the ring must be destroyed, not reused. */
 int fp_ring_rw(fp_ring *ring, fp_ring_op *ops, int n, fp_ring_done done, void *context);
 
+/* Each fp_ring_rw call polls the completion queue for up to `nanoseconds` in all before it
+ * sleeps for completions (0, the default: never polls). Polling trades CPU for the sleep and
+ * wakeup a fast device's completion otherwise costs. */
+void fp_ring_set_spin(fp_ring *ring, uint64_t nanoseconds);
+
+/* Completions reaped while polling, over the ring's life. */
+uint64_t fp_ring_spun(const fp_ring *ring);
+
 /* How many times this ring's fp_ring_rw calls entered the kernel to submit entries (a batch
  * that fits the ring takes one; a larger one takes more). */
 uint64_t fp_ring_submits(const fp_ring *ring);
