@@ -47,21 +47,22 @@ final class IOUring: @unchecked Sendable {
     /// (a read stops short only at the end of the file) or the error.
     func run(_ operations: [Operation]) -> [Result<Int, KernelError>] {
         var ops = operations.map(Self.cOperation)
-        if fp_ring_rw(ring, &ops, Int32(ops.count), nil, nil) < 0 { broken = true }
+        if fp_ring_rw(ring, &ops, Int32(ops.count), nil, nil, 0) < 0 { broken = true }
         return zip(operations, ops).map { Self.outcome($0, $1.result) }
     }
 
     /// As `run`, calling `completed(i, outcome)` as each operation finishes (in completion
     /// order). Operation 0 is waited for alone first, while the rest stay in flight, so that
     /// the head of a batch can be used before the batch is in. `completed` must not use this ring.
-    func run(_ operations: [Operation], completed: (Int, Result<Int, KernelError>) -> Void) {
+    /// - Parameter poll: poll for operation 0 (up to the ring's polling time) before sleeping.
+    func run(_ operations: [Operation], poll: Bool = false, completed: (Int, Result<Int, KernelError>) -> Void) {
         var ops = operations.map(Self.cOperation)
         let status = withoutActuallyEscaping(completed) { body in
             let box = Completion { index, result in body(Int(index), Self.outcome(operations[Int(index)], result)) }
             return withExtendedLifetime(box) {
                 fp_ring_rw(ring, &ops, Int32(ops.count), { context, index, result in
                     Unmanaged<Completion>.fromOpaque(context!).takeUnretainedValue().body(index, result)
-                }, Unmanaged.passUnretained(box).toOpaque())
+                }, Unmanaged.passUnretained(box).toOpaque(), poll ? 1 : 0)
             }
         }
         if status < 0 { broken = true }

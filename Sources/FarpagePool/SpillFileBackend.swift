@@ -224,8 +224,11 @@ public final class SpillFileBackend: LeaseBackend, @unchecked Sendable {
             }
         }
         if !ops.isEmpty {
+            // A fault's page (one page, read first) is polled for; lease moves and the rest of
+            // a fetch-ahead batch sleep.
+            let poll = !allowUnwritten && ops[0].length == Self.pageSize
             try withRing { ring in
-                ring.run(ops) { k, outcome in
+                ring.run(ops, poll: poll) { k, outcome in
                     outcomes[k] = outcome
                     reportReady()
                 }

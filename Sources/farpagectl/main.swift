@@ -96,7 +96,7 @@ struct PoolList: ParsableCommand {
             row([long ? "" : s.address, s.status, s.transport, bytes(s.capacityBytes), bytes(UInt64(s.leases) * s.leaseBytes),
                  "\(s.leases)", bytes(UInt64(s.storedPages) * 4096), "\(s.errors)"])
             if let io = s.spillFile {
-                print("    \(io.reads) reads (\(bytes(io.readBytes))), \(io.writes) writes (\(bytes(io.writtenBytes))) in \(io.submissions) io_uring submissions\(io.polled.map { ", \($0) completions polled" } ?? ""); \(io.checksumFailures) checksum failures")
+                print("    \(io.reads) reads (\(bytes(io.readBytes))), \(io.writes) writes (\(bytes(io.writtenBytes))) in \(io.submissions) io_uring submissions\(io.polled.map { $0 > 0 ? ", \($0) reads polled" : "" } ?? ""); \(io.checksumFailures) checksum failures")
             }
             if !s.lastError.isEmpty && (s.status != "healthy" || s.spillFile != nil) { print("    last error: \(s.lastError)") }
             if let r = s.reclaimingLeases, r > 0 { print("    the server asked \(r) lease(s) back; moving their pages elsewhere") }

@@ -48,14 +48,15 @@ typedef void (*fp_ring_done)(void *context, int index, int64_t result);
  * short read or write, and queues more as room frees up. Stores each op's outcome in its
  * `result`, and calls `done` (when not NULL) as each finishes; with `done`, it first waits
  * for op 0 alone (the rest stay in flight), so that the head of a batch can be used before
- * the whole batch is in. `done` must not use this ring. Returns 0 when every op ran (each may
+ * the whole batch is in. `done` must not use this ring. With `poll` (and a polling time set by
+ * fp_ring_set_spin), a wait for one completion polls before it sleeps. Returns 0 when every op ran (each may
  * still have failed: see `result`), or -errno when the ring itself failed; then ops that
  * never ran hold that error, every op that was submitted has completed (no buffer is touched
  * after the return), and the ring must be destroyed, not reused. */
-int fp_ring_rw(fp_ring *ring, fp_ring_op *ops, int n, fp_ring_done done, void *context);
+int fp_ring_rw(fp_ring *ring, fp_ring_op *ops, int n, fp_ring_done done, void *context, int poll);
 
-/* Each fp_ring_rw call polls the completion queue for up to `nanoseconds` in all before it
- * sleeps for completions (0, the default: never polls). Polling trades CPU for the sleep and
+/* Each fp_ring_rw call with `poll` set polls the completion queue for up to `nanoseconds` in
+ * all before it sleeps for its first completion (0, the default: never polls). Polling trades CPU for the sleep and
  * wakeup a fast device's completion otherwise costs. */
 void fp_ring_set_spin(fp_ring *ring, uint64_t nanoseconds);
 

@@ -133,15 +133,15 @@ disrupt() {
   stop=$WORK/$name.stop
   rm -f "$stop"
   run_workload "$name" --passes 3 --until "$stop"
-  wait_for 300 "refetches in $name" fetched_since "$(fetches_now)" 200
-  kill -0 $WORKLOAD_PID 2>/dev/null || fail "$name: the workload ended before the break"
+  wait_for 300 "refetches in $name" refetching_or_ended "$(fetches_now)"
+  kill -0 $WORKLOAD_PID 2>/dev/null || { cat "$FARPAGE_VM_OUT/$name.json" "$FARPAGE_VM_OUT/$name.err"; fail "$name: the workload ended before the break"; }
   echo "$name: break ($break) for ${seconds}s at $(( $(date +%s) - t0 )) s"
   sh -c "$break"
   sleep "$seconds"
   "$BIN/farpagectl" pool list --socket "$AGENT_SOCKET" | tee "$FARPAGE_VM_OUT/$name-pool-broken.txt"
   sh -c "$restore"
   echo "$name: restored at $(( $(date +%s) - t0 )) s"
-  kill -0 $WORKLOAD_PID 2>/dev/null || fail "$name: the workload ended during the break"
+  kill -0 $WORKLOAD_PID 2>/dev/null || { cat "$FARPAGE_VM_OUT/$name.json" "$FARPAGE_VM_OUT/$name.err"; fail "$name: the workload ended during the break"; }
   # Traffic flows again after the restore, then the workload finishes its pass and verifies.
   # (A workload that died is reported by the checks below, not as a timeout here.)
   wait_for 120 "refetches in $name after the restore" refetching_or_ended "$(fetches_now)"
